@@ -1,0 +1,192 @@
+"""One site's work for one task: local DP training and evaluation, independent of Flower messages."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from client.dataset import SiteDataset, load_site_dataset
+from client.site_config import SiteConfig
+from client.training import train_dp
+from models.examples import TaskExamples
+from models.spec import FeatureSpec, load_spec
+from models.tasks import get_task, split_patients
+from models.wire import Metric, Status
+from privacy.accountant import SECURE_RNG, AccountantStore
+from privacy.budget import check_round, default_delta, noise_for_target
+
+__all__ = ["RoundSettings", "SiteOutcome", "SiteTask"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """The training settings the coordinator sends for one round."""
+
+    run_name: str
+    server_round: int
+    local_epochs: int
+    learning_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    target_epsilon_per_round: float
+    proximal_mu: float
+    seed: int
+
+
+@dataclass
+class SiteOutcome:
+    """What a site sends back: a status, a one-line message, metrics and maybe weights."""
+
+    status: str
+    message: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    state_dict: dict[str, torch.Tensor] | None = None
+    accountant: str = ""
+
+
+class SiteTask:
+    """A site's dataset and privacy state for one task, built once and reused across rounds."""
+
+    def __init__(self, config: SiteConfig, task_name: str) -> None:
+        self.config = config
+        self.task = get_task(task_name)
+        # One thread per site process: simulated sites share the CPU cores.
+        torch.set_num_threads(1)
+        self.spec: FeatureSpec = load_spec(config.spec)
+        self._dataset: SiteDataset | None = None
+        self._examples: TaskExamples | None = None
+        self._split: tuple[list[int], list[int]] | None = None
+
+    @property
+    def site(self) -> str:
+        """The site's name."""
+        return self.config.name
+
+    def dataset(self) -> SiteDataset:
+        """Load (once) the validated site dataset."""
+        if self._dataset is None:
+            self._dataset = load_site_dataset(self.config, self.spec)
+        return self._dataset
+
+    def examples(self, seed: int) -> tuple[TaskExamples, list[int], list[int]]:
+        """Build (once) the per-patient examples and the deterministic train/held-out split."""
+        if self._examples is None or self._split is None:
+            data = self.dataset()
+            self._examples = self.task.build_examples(
+                self.spec, data.patients, data.timeline, data.events, data.cells, seed=seed
+            )
+            self._split = split_patients(self._examples.patient_ids, seed=seed)
+        return self._examples, self._split[0], self._split[1]
+
+    def _model(self, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+        model = self.task.build_model(self.spec)
+        model.load_state_dict(state_dict)
+        return model
+
+    def train(self, state_dict: dict[str, torch.Tensor], settings: RoundSettings) -> SiteOutcome:
+        """Train the global model on this site's training patients with DP-SGD, if the budget allows."""
+        examples, train_idx, _ = self.examples(settings.seed)
+        if not train_idx:
+            return SiteOutcome(
+                Status.NO_DATA,
+                f"site {self.site} has no usable patients for task {self.task.name}; "
+                "run `fedtwin-site check` on its data",
+            )
+
+        policy = self.config.privacy
+        delta = policy.delta or default_delta(len(train_idx))
+        steps = settings.local_epochs * max(1, round(1 / settings.sample_rate))
+        store = AccountantStore(self.config.state_dir, self.task.name)
+
+        # Noise: fixed by the run config, or chosen to reach a target epsilon for this round.
+        noise = settings.noise_multiplier
+        if settings.target_epsilon_per_round > 0:
+            noise = noise_for_target(
+                target_epsilon=settings.target_epsilon_per_round,
+                delta=delta,
+                sample_rate=settings.sample_rate,
+                steps=steps,
+                accountant=store.accountant,
+            )
+
+        # Budget check before any data is touched by training.
+        decision = check_round(
+            store=store,
+            delta=delta,
+            epsilon_cap=policy.epsilon_cap,
+            noise_multiplier=noise,
+            min_noise_multiplier=policy.min_noise_multiplier,
+            sample_rate=settings.sample_rate,
+            steps=steps,
+        )
+        if not decision.allowed:
+            logger.warning("Site %s refused round %d: %s", self.site, settings.server_round, decision.reason)
+            return SiteOutcome(
+                Status.REFUSED_BUDGET,
+                decision.reason,
+                metrics={Metric.EPSILON_TOTAL: store.epsilon(delta), Metric.DELTA: delta},
+                accountant=store.accountant,
+            )
+
+        model = self._model(state_dict)
+        result = train_dp(
+            model,
+            examples.subset(train_idx).dataset(),
+            self.task.loss,
+            store=store,
+            delta=delta,
+            noise_multiplier=noise,
+            max_grad_norm=settings.max_grad_norm,
+            sample_rate=settings.sample_rate,
+            epochs=settings.local_epochs,
+            learning_rate=settings.learning_rate,
+            proximal_mu=settings.proximal_mu,
+            seed=settings.seed + settings.server_round,
+            run_name=settings.run_name,
+            server_round=settings.server_round,
+        )
+        metrics = {
+            Metric.NUM_EXAMPLES: float(result.num_examples),
+            Metric.TRAIN_LOSS: result.loss,
+            Metric.EPSILON_ROUND: result.epsilon_round,
+            Metric.EPSILON_TOTAL: result.epsilon_total,
+            Metric.DELTA: result.delta,
+            Metric.NOISE_MULTIPLIER: result.noise_multiplier,
+            Metric.MAX_GRAD_NORM: result.max_grad_norm,
+            Metric.SAMPLE_RATE: result.sample_rate,
+            Metric.STEPS: float(result.steps),
+        }
+        return SiteOutcome(Status.OK, "", metrics, model.state_dict(), result.accountant)
+
+    def evaluate(self, state_dict: dict[str, torch.Tensor], seed: int) -> SiteOutcome:
+        """Evaluate the global model on this site's held-out patients."""
+        examples, _, holdout_idx = self.examples(seed)
+        min_cohort = self.config.privacy.min_cohort
+        if len(holdout_idx) < min_cohort:
+            return SiteOutcome(
+                Status.BELOW_MIN_COHORT,
+                f"site {self.site} has {len(holdout_idx)} held-out patients, below the policy's "
+                f"minimum cohort of {min_cohort}; metrics withheld",
+            )
+
+        model = self._model(state_dict)
+        model.eval()
+        with torch.no_grad():
+            scores = self.task.evaluate(model, examples.subset(holdout_idx))
+        metrics: dict[str, float] = {Metric.NUM_EXAMPLES: float(len(holdout_idx))}
+        for name, value in scores.items():
+            if isinstance(value, int | float) and math.isfinite(float(value)):
+                metrics[name] = float(value)
+        return SiteOutcome(Status.OK, "", metrics)
+
+
+def privacy_facts(outcome: SiteOutcome) -> dict[str, Any]:
+    """Return the privacy facts a reply states beside ε: accountant, unit and RNG."""
+    return {"accountant": outcome.accountant, "privacy-unit": "patient", "secure-rng": SECURE_RNG}
