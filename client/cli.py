@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,6 @@ __all__ = ["SUBCOMMANDS", "Subcommand", "main", "register"]
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
-EXIT_FAILED = 1
 EXIT_UNUSABLE = 2
 
 
@@ -59,7 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_UNUSABLE
     command: Subcommand = SUBCOMMANDS[args.command]
-    return command.run(args)
+    try:
+        return command.run(args)
+    except BrokenPipeError:
+        # The reader of stdout (such as `head`) exited early; drop the rest of the output.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _load_subcommands() -> None:
@@ -86,23 +91,36 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--fhir", nargs="+", type=Path, default=[], metavar="PATH",
+        "--fhir",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="PATH",
         help="FHIR inputs: Bulk Data folders, NDJSON files or Bundle JSON files",
     )
     parser.add_argument(
-        "--cells", nargs="+", type=Path, default=[], metavar="PATH",
+        "--cells",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="PATH",
         help="single-cell inputs: .h5ad or 10x .h5 files, or folders of them",
     )
     parser.add_argument(
-        "--site-config", type=Path, metavar="FILE",
+        "--site-config",
+        type=Path,
+        metavar="FILE",
         help="site.toml (or its folder); --fhir, --cells and --timezone override its inputs",
     )
     parser.add_argument(
-        "--spec", type=Path, metavar="FILE",
-        help="consortium feature spec TOML (default: the site config's spec, else the packaged one)",
+        "--spec",
+        type=Path,
+        metavar="FILE",
+        help="feature spec TOML (default: the site config's spec, else the packaged spec)",
     )
     parser.add_argument(
-        "--timezone", metavar="ZONE",
+        "--timezone",
+        metavar="ZONE",
         help="IANA time zone of dates and of date-times without offset (default: UTC)",
     )
     parser.add_argument(
@@ -160,9 +178,7 @@ def _run_check(args: argparse.Namespace) -> int:
         print(f"fedtwin-site check: {err}", file=sys.stderr)
         return EXIT_UNUSABLE
 
-    dataset = load_site_dataset(
-        config, spec, cache=not args.no_cache, progress=sys.stderr.isatty()
-    )
+    dataset = load_site_dataset(config, spec, cache=not args.no_cache, progress=sys.stderr.isatty())
     report = dataset.report
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
@@ -173,7 +189,8 @@ def _run_check(args: argparse.Namespace) -> int:
             print(f"unusable: {source.error}", file=sys.stderr)
     if not report.usable:
         print(
-            f"fedtwin-site check: site {report.site!r} has no usable patients; fix the files above.",
+            f"fedtwin-site check: site {report.site!r} has no usable patients; "
+            "fix the files listed above.",
             file=sys.stderr,
         )
         return EXIT_UNUSABLE
@@ -234,8 +251,13 @@ def _write_source(source: SourceReport, out: TextIO) -> None:
     other = {
         k: v
         for k, v in source.details.items()
-        if k not in {
-            "observations-per-code", "unit-conversions", "not-in-panel", "not-used", "samples",
+        if k
+        not in {
+            "observations-per-code",
+            "unit-conversions",
+            "not-in-panel",
+            "not-used",
+            "samples",
         }
     }
     for key, value in other.items():
@@ -258,7 +280,8 @@ def _as_number(value: Any) -> float:
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [
-        "  " + "  ".join(
+        "  "
+        + "  ".join(
             cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)
         )
         for row in [header, *rows]

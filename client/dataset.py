@@ -185,7 +185,8 @@ def _cached_fhir(
     patients.index = patients.index.astype(object)
     patients.index.name = "patient_id"
     timeline = _restore(
-        timeline, TIMELINE_COLUMNS,
+        timeline,
+        TIMELINE_COLUMNS,
         object_columns=("patient_id", "precision", "code", "unit", "censored", "source"),
     )
     events = _restore(
@@ -215,7 +216,9 @@ def _write_cache(
             shutil.rmtree(old, ignore_errors=True)
         os.replace(staging, folder)
     except OSError as err:
-        logger.warning("Cannot write the FHIR cache in %s (%s); the next run reads again", root, err)
+        logger.warning(
+            "Cannot write the FHIR cache in %s (%s); the next run reads again", root, err
+        )
 
 
 def _read_table(path: Path) -> pd.DataFrame:

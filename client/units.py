@@ -6,6 +6,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from models.spec import LabCode
@@ -44,7 +45,7 @@ def strip_annotations(unit: str) -> tuple[str, tuple[str, ...]]:
 
 @dataclass(frozen=True)
 class Conversion:
-    """A linear conversion `canonical = scale * value + offset`; `offset` is 0 except for affine units."""
+    """A conversion `canonical = scale * value + offset`; `offset` is 0 except for affine units."""
 
     scale: float
     offset: float = 0.0
@@ -60,8 +61,8 @@ _IDENTITY = Conversion(1.0)
 class UnitConverter:
     """Converter from any UCUM unit to the canonical unit of a lab panel entry.
 
-    UCUM strings are parsed with ucumvert's `PintUcumRegistry`; the registry is built on
-    first use (about 0.6 s) and each (from, to, molar mass) factor is computed once and
+    UCUM strings are parsed with ucumvert's `PintUcumRegistry`, built once per process on
+    first use, and each (from, to, molar mass) factor is computed once and
     cached, because parsing UCUM per value is far slower than a multiplication.
 
     Two units with different UCUM annotations never convert: `{copies}/ug` to `/ug` is
@@ -71,7 +72,6 @@ class UnitConverter:
     """
 
     def __init__(self) -> None:
-        self._registry: Any = None
         self._cache: dict[tuple[str, str, float | None], Conversion | None] = {}
 
     def conversion(
@@ -91,11 +91,7 @@ class UnitConverter:
         return conversion.apply(value)
 
     def _ucum(self, unit: str) -> Any:
-        if self._registry is None:
-            from ucumvert import PintUcumRegistry
-
-            self._registry = PintUcumRegistry()
-        return self._registry.from_ucum(unit)
+        return _ucum_registry().from_ucum(unit)
 
     def _compute(self, unit: str, canonical: str, molar_mass: float | None) -> Conversion | None:
         if unit == canonical:
@@ -125,6 +121,14 @@ class UnitConverter:
         if conversion is None:
             logger.debug("Unit %r has another dimension than %r", unit, canonical)
         return conversion
+
+
+@lru_cache(maxsize=1)
+def _ucum_registry() -> Any:
+    """Build the UCUM registry once per process (it takes about 0.6 s)."""
+    from ucumvert import PintUcumRegistry
+
+    return PintUcumRegistry()
 
 
 def _linear_conversion(source: Any, target: Any) -> Conversion | None:

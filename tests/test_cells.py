@@ -60,9 +60,10 @@ def write_h5ad(
     layers: dict[str, np.ndarray] | None = None,
     raw: np.ndarray | None = None,
     dense: bool = False,
+    var: dict[str, list[str]] | None = None,
 ) -> Path:
     obs_frame = pd.DataFrame(obs or {}, index=[f"cell{i}" for i in range(x.shape[0])])
-    var_frame = pd.DataFrame(index=var_names)
+    var_frame = pd.DataFrame(var or {}, index=var_names)
     matrix = x if dense else sp.csr_matrix(x)
     adata = anndata.AnnData(matrix, obs=obs_frame, var=var_frame)
     if raw is not None:
@@ -443,6 +444,22 @@ def test_genes_ensembl_only(tmp_path: Path, spec: FeatureSpec) -> None:
     for index, symbol in enumerate(("CD3D", "GZMB")):
         column = samples["ens"].counts[:, spec.genes.index(symbol)].toarray().ravel()
         np.testing.assert_array_equal(column, x[:, index])
+
+
+def test_genes_symbol_column(tmp_path: Path, spec: FeatureSpec) -> None:
+    # Ids unknown to the spec, so the match falls back to the feature_name symbols.
+    ids = ["ENSG00000000001", "ENSG00000000002", "ENSG00000000003"]
+    x = integer_counts(4, 3)
+    var = {"feature_name": ["GZMK", "NOT_IN_PANEL", "CCR7"]}
+    path = write_h5ad(tmp_path / "cxg.h5ad", x, ids, var=var)
+
+    samples, report = read_one(tmp_path, spec, path, patient="P1")
+
+    assert report.counts["genes-matched"] == 2
+    gzmk = samples["cxg"].counts[:, spec.genes.index("GZMK")].toarray().ravel()
+    ccr7 = samples["cxg"].counts[:, spec.genes.index("CCR7")].toarray().ravel()
+    np.testing.assert_array_equal(gzmk, x[:, 0])
+    np.testing.assert_array_equal(ccr7, x[:, 2])
 
 
 def test_genes_missing_masked(tmp_path: Path, spec: FeatureSpec) -> None:

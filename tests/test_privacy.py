@@ -1,4 +1,4 @@
-"""Tests of the persistent accountant, the site budget check and the `fedtwin-steward budget` command."""
+"""Tests of the persistent accountant, the site budget check and `fedtwin-steward budget`."""
 
 from __future__ import annotations
 
@@ -338,7 +338,7 @@ def test_default_delta_below_one_over_n() -> None:
         default_delta(0)
 
 
-# ---------------------------------------------------------------------------- fedtwin-steward budget
+# ------------------------------------------------------------------ fedtwin-steward budget
 
 
 def test_cli_budget_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,7 +20,8 @@ __all__ = ["GeneMatch", "PanelCounts", "match_genes", "project_counts"]
 _ID_COLUMNS = ("gene_ids", "gene_id", "ensembl_id")
 _SYMBOL_COLUMNS = ("gene_symbols", "feature_name", "gene_name")
 
-_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")
+_ENSEMBL = r"^ENS[A-Z]*G\d{11}(\.\d+)?$"
+_ENSEMBL_VERSION = r"^(ENS[A-Z]*G\d{11})\.\d+$"
 
 # Rows per block when reading counts, which bounds memory for backed files.
 _ROWS_PER_BLOCK = 20_000
@@ -72,13 +73,13 @@ class PanelCounts:
     invalid: dict[str, np.ndarray]
 
 
-def _strip_version(gene_id: str) -> str:
-    """Drop an Ensembl version suffix: `ENSG00000167286.5` -> `ENSG00000167286`."""
-    return gene_id.split(".", 1)[0] if _ENSEMBL.match(gene_id) else gene_id
+def _text_column(values: Any) -> pd.Series:
+    return pd.Series(np.asarray(values, dtype=object), dtype="string").fillna("")
 
 
-def _text_column(values: Any) -> np.ndarray:
-    return pd.Series(values, dtype="string").fillna("").str.strip().to_numpy(dtype=object)
+def _strip_versions(ids: pd.Series) -> pd.Series:
+    """Drop Ensembl version suffixes: `ENSG00000167286.5` -> `ENSG00000167286`."""
+    return ids.str.replace(_ENSEMBL_VERSION, r"\1", regex=True)
 
 
 def match_genes(var: pd.DataFrame, spec: FeatureSpec) -> GeneMatch:
@@ -93,30 +94,39 @@ def match_genes(var: pd.DataFrame, spec: FeatureSpec) -> GeneMatch:
     a `gene_symbols`, `feature_name` or `gene_name` column.
     """
     names = _text_column(var.index)
-    ids = next((_text_column(var[c]) for c in _ID_COLUMNS if c in var), None)
-    feature_ids = [
-        _strip_version(str(i)) for i in (ids if ids is not None else np.full(len(names), ""))
-    ]
+    id_column = next((c for c in _ID_COLUMNS if c in var), None)
+    ids = _text_column([""] * len(names))
+    if id_column is not None:
+        ids = _strip_versions(_text_column(var[id_column]))
+    # Ensembl-looking var_names count as ids as well.
+    name_ids = _strip_versions(names).where(names.str.match(_ENSEMBL), "")
     symbol_columns = [names, *(_text_column(var[c]) for c in _SYMBOL_COLUMNS if c in var)]
 
-    # Ensembl-looking var_names count as ids as well.
-    name_ids = [_strip_version(str(n)) if _ENSEMBL.match(str(n)) else "" for n in names]
+    # Index only the features that can match, because a file has tens of thousands.
+    spec_ids = {
+        symbol: re.sub(_ENSEMBL_VERSION, r"\1", gene_id)
+        for symbol, gene_id in spec.gene_ids.items()
+    }
+    wanted_ids = list(spec_ids.values())
+    wanted_symbols = list(spec.genes)
+    relevant = ids.isin(wanted_ids).to_numpy() | name_ids.isin(wanted_ids).to_numpy()
+    for column in symbol_columns:
+        relevant |= column.isin(wanted_symbols).to_numpy()
 
     by_id: dict[str, list[int]] = {}
-    for index, (gene_id, name_id) in enumerate(zip(feature_ids, name_ids, strict=True)):
-        for key in {gene_id, name_id} - {""}:
-            by_id.setdefault(key, []).append(index)
     by_symbol: dict[str, list[int]] = {}
-    for column in symbol_columns:
-        for index, symbol in enumerate(column):
-            if symbol:
-                by_symbol.setdefault(str(symbol), []).append(index)
+    for index in np.flatnonzero(relevant):
+        for key in {ids.iloc[index], name_ids.iloc[index]} - {""}:
+            by_id.setdefault(str(key), []).append(int(index))
+        for column in symbol_columns:
+            if column.iloc[index]:
+                by_symbol.setdefault(str(column.iloc[index]), []).append(int(index))
 
     rows: list[int] = []
     cols: list[int] = []
     summed: list[str] = []
     for column_index, symbol in enumerate(spec.genes):
-        spec_id = _strip_version(spec.gene_ids.get(symbol, ""))
+        spec_id = spec_ids.get(symbol, "")
         features = by_id.get(spec_id, []) if spec_id else []
         if not features:
             features = by_symbol.get(symbol, [])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 __all__ = [
@@ -31,7 +32,7 @@ class DateError(ValueError):
 
 
 def site_timezone(name: str) -> tzinfo:
-    """Return the IANA time zone `name` (for example `Europe/Berlin`); raise DateError if unknown."""
+    """Return the IANA time zone `name`, such as `Europe/Berlin`; raise DateError if unknown."""
     if name in ("", "UTC", "Z"):
         return UTC
     try:
@@ -120,6 +121,7 @@ def add_site_offset(text: str, zone: tzinfo) -> str | None:
     return f"{with_seconds}{sign}{hours:02d}:{rest:02d}"
 
 
+@lru_cache(maxsize=64)
 def _fixed_offset(offset: str) -> tzinfo:
     if offset == "Z":
         return UTC

@@ -238,8 +238,17 @@ class Extractor:
         time, precision, time_path = when
         self.timeline.append(
             TimelineRow(
-                patient_id, time, precision, time_path, key, value, unit, censored,
-                out_of_range, source, self.seq,
+                patient_id,
+                time,
+                precision,
+                time_path,
+                key,
+                value,
+                unit,
+                censored,
+                out_of_range,
+                source,
+                self.seq,
             )
         )
 
@@ -299,7 +308,9 @@ class Extractor:
         if kind != "condition":
             grade, grading = _toxicity_grade(data)
         self.events.append(
-            EventRow(patient_id, time, time_path, kind, code, grade, grading, None, source, self.seq)
+            EventRow(
+                patient_id, time, time_path, kind, code, grade, grading, None, source, self.seq
+            )
         )
         self.references[(source, "Condition", patient_id)] += 1
 
@@ -348,8 +359,16 @@ class Extractor:
         )
         self.events.append(
             EventRow(
-                patient_id, when[0], when[2], "infusion", code, math.nan, "",
-                _product(data), source, self.seq,
+                patient_id,
+                when[0],
+                when[2],
+                "infusion",
+                code,
+                math.nan,
+                "",
+                _product(data),
+                source,
+                self.seq,
             )
         )
         report.counts["infusions"] += 1
@@ -464,15 +483,15 @@ def _toxicity_grade(data: dict[str, Any]) -> tuple[float, str]:
         grading = max(astct, key=lambda k: astct[k])
         return astct[grading], grading
     if len(graded) == 1:
-        (grading, grade), = graded.items()
+        ((grading, grade),) = graded.items()
         return grade, grading
     if graded:
         return math.nan, "conflicting: " + ", ".join(sorted(graded))
 
     for coding in (data.get("code") or {}).get("coding") or []:
-        if toxicity_kind(coding.get("system"), coding.get("code")) and coding.get("system", "").endswith(
-            "icd-10-cm"
-        ):
+        if toxicity_kind(coding.get("system"), coding.get("code")) and coding.get(
+            "system", ""
+        ).endswith("icd-10-cm"):
             icd_grade = icd10_grade(str(coding.get("code")))
             if icd_grade is not None:
                 return icd_grade, "icd-10-cm"

@@ -38,11 +38,25 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PATIENT_COLUMNS = (
-    "sex", "birth_date", "age_at_infusion", "infusion_time", "product", "crs_grade", "icans_grade",
+    "sex",
+    "birth_date",
+    "age_at_infusion",
+    "infusion_time",
+    "product",
+    "crs_grade",
+    "icans_grade",
 )
 TIMELINE_COLUMNS = (
-    "patient_id", "time", "precision", "day", "code", "value", "unit", "censored",
-    "out_of_range", "source",
+    "patient_id",
+    "time",
+    "precision",
+    "day",
+    "code",
+    "value",
+    "unit",
+    "censored",
+    "out_of_range",
+    "source",
 )
 EVENT_COLUMNS = ("patient_id", "time", "day", "kind", "code", "grade", "grading", "source")
 
@@ -167,7 +181,9 @@ def _is_duplicate(
         conflicts.append(f"{key[0]}/{key[1]}")
     logger.warning(
         "%s: %s/%s appears again with other content; the first one is kept",
-        report.path, key[0], key[1],
+        report.path,
+        key[0],
+        key[1],
     )
     return True
 
@@ -199,7 +215,9 @@ def _progress_bar(source: FhirSource, enabled: bool) -> Iterator[Any]:
         yield bar.update
 
 
-def _tables(extractor: Extractor, sources: list[FhirSource], reports: list[SourceReport]) -> FhirTables:
+def _tables(
+    extractor: Extractor, sources: list[FhirSource], reports: list[SourceReport]
+) -> FhirTables:
     known = set(extractor.patients)
     _count_missing_patients(extractor, reports, known)
     shifted = {
@@ -212,7 +230,8 @@ def _tables(extractor: Extractor, sources: list[FhirSource], reports: list[Sourc
     if shifted:
         logger.info(
             "%d patients have a birthDate in the future (date-shifted, de-identified data); "
-            "their future dates are kept", len(shifted),
+            "their future dates are kept",
+            len(shifted),
         )
 
     events = _event_frame(event_rows, sources)
@@ -224,8 +243,9 @@ def _tables(extractor: Extractor, sources: list[FhirSource], reports: list[Sourc
     _count_mapped(timeline_rows, reports, len(sources))
     for report in reports[: len(sources)]:
         report.counts["patients-date-shifted"] = sum(
-            1 for p in extractor.patients.values() if p.patient_id in shifted
-            and reports[p.source] is report
+            1
+            for p in extractor.patients.values()
+            if p.patient_id in shifted and reports[p.source] is report
         )
         if report.counts["patients-date-shifted"] == 0:
             del report.counts["patients-date-shifted"]

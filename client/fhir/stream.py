@@ -28,9 +28,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # The resource types fedtwin extracts data from; other types are counted and not validated.
-USED_RESOURCE_TYPES = ("Patient", "Observation", "Condition", "Procedure", "MedicationAdministration")
+USED_RESOURCE_TYPES = (
+    "Patient",
+    "Observation",
+    "Condition",
+    "Procedure",
+    "MedicationAdministration",
+)
 
-# `Observation.ndjson` as the Bulk Data spec names it, `Observation.000.ndjson` as Synthea writes it.
+# `Observation.ndjson` as the Bulk Data spec names files, `Observation.000.ndjson` as
+# Synthea writes them.
 _NDJSON_NAME = re.compile(r"(?P<type>[A-Z][A-Za-z]+)(?:\.\d+)?\.ndjson")
 _MAX_LISTED_LINES = 20
 
