@@ -399,6 +399,16 @@ def test_10x_v3_feature_types(tmp_path: Path, spec: FeatureSpec) -> None:
     assert report.counts["genes-matched"] == 3
 
 
+def test_h5_with_anndata_layout(tmp_path: Path, spec: FeatureSpec) -> None:
+    path = write_h5ad(tmp_path / "adata.h5", integer_counts(3, 4), GENES)
+
+    samples, report = read_one(tmp_path, spec, path, patient="P1")
+
+    assert report.usable, report.error
+    assert report.kind == "h5ad"
+    assert list(samples) == ["adata"]
+
+
 def test_10x_not_hdf5(tmp_path: Path, spec: FeatureSpec) -> None:
     path = tmp_path / "S4" / "filtered_feature_bc_matrix.h5"
     path.parent.mkdir()

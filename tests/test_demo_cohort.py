@@ -147,7 +147,7 @@ def test_demo_unit_variants(demo: Path) -> None:
             units[(site, key)].add(quantity["code"])
 
             if (key, quantity["code"]) not in factors:
-                one = ureg.from_ucum(quantity["code"])
+                one = ureg.Quantity(1.0, ureg.from_ucum(quantity["code"]).units)
                 if quantity["code"] == "umol/L":
                     one = one * ureg.Quantity(lab.molar_mass, "g/mol")
                 factors[(key, quantity["code"])] = one.to(ureg.from_ucum(lab.unit).units).magnitude

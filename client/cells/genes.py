@@ -107,11 +107,11 @@ def match_genes(var: pd.DataFrame, spec: FeatureSpec) -> GeneMatch:
         symbol: re.sub(_ENSEMBL_VERSION, r"\1", gene_id)
         for symbol, gene_id in spec.gene_ids.items()
     }
-    wanted_ids = list(spec_ids.values())
-    wanted_symbols = list(spec.genes)
-    relevant = ids.isin(wanted_ids).to_numpy() | name_ids.isin(wanted_ids).to_numpy()
+    panel_ids = list(spec_ids.values())
+    panel_symbols = list(spec.genes)
+    relevant = ids.isin(panel_ids).to_numpy() | name_ids.isin(panel_ids).to_numpy()
     for column in symbol_columns:
-        relevant |= column.isin(wanted_symbols).to_numpy()
+        relevant |= column.isin(panel_symbols).to_numpy()
 
     by_id: dict[str, list[int]] = {}
     by_symbol: dict[str, list[int]] = {}

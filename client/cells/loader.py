@@ -65,9 +65,9 @@ def read_cell_samples(
     Parameters
     ----------
     config
-        The site config; `cells` lists files or folders (every `*.h5ad` and `*.h5`
-        below a folder, sorted) and `cells_config` sets where patient, sample and
-        label are found.
+        The site config. `cells` lists files or folders, and a folder means every
+        `*.h5ad` and `*.h5` file below it, sorted. `cells_config` sets where
+        patient, sample and label are found.
     spec
         The feature spec whose gene panel sets the columns of every matrix.
 

@@ -21,7 +21,7 @@ _UCUM = "http://unitsofmeasure.org"
 _DROPPED_STATUS = {"entered-in-error", "cancelled", "not-done"}
 
 
-@dataclass
+@dataclass(slots=True)
 class PatientRow:
     """What a Patient resource says about one patient."""
 
@@ -33,7 +33,7 @@ class PatientRow:
     source: int
 
 
-@dataclass
+@dataclass(slots=True)
 class TimelineRow:
     """One panel value of one patient; `seq` numbers the resource it came from."""
 
@@ -50,7 +50,7 @@ class TimelineRow:
     seq: int
 
 
-@dataclass
+@dataclass(slots=True)
 class EventRow:
     """One infusion or Condition of one patient; `time` is None when the resource gives none."""
 
