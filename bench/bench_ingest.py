@@ -25,10 +25,12 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.fhir import read_fhir  # noqa: E402
-from client.fhir.stream import discover_sources, iter_resources, validate_resource  # noqa: E402
-from client.report import SourceReport  # noqa: E402
-from models.spec import load_spec  # noqa: E402
+from client.dataset import load_site_dataset
+from client.fhir import read_fhir
+from client.fhir.stream import discover_sources, iter_resources, validate_resource
+from client.report import SourceReport
+from client.site_config import SiteConfig
+from models.spec import load_spec
 
 
 def floor(path: Path) -> int:
@@ -96,7 +98,9 @@ def machine() -> str:
     except OSError:
         pass
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores, {cpu}, {memory:.0f} GiB RAM, Python {platform.python_version()}"
+    return (
+        f"{os.cpu_count()} cores, {cpu}, {memory:.0f} GiB RAM, Python {platform.python_version()}"
+    )
 
 
 def main() -> None:
@@ -113,7 +117,9 @@ def main() -> None:
     read_fhir([patients], spec)  # builds the UCUM registry and imports the R4B models once
 
     print(f"machine: {machine()}")
-    print(f"input: {observations} ({n} Observations, {observations.stat().st_size / 2**20:.1f} MiB)")
+    print(
+        f"input: {observations} ({n} Observations, {observations.stat().st_size / 2**20:.1f} MiB)"
+    )
     base = timed(lambda: floor(observations))
     full = timed(lambda: read_fhir([patients, observations], spec), repeats=2)
     fast = timed(lambda: read_fhir([patients, observations], spec, validate=False))
@@ -129,14 +135,29 @@ def main() -> None:
         print(f"| {name} | {seconds:.2f} | {seconds / n * 1e6:.0f} | {seconds / base:.1f} |")
 
     with tempfile.TemporaryDirectory() as tmp:
+        config = SiteConfig(
+            path=Path(tmp) / "site.toml",
+            name="bench",
+            fhir=(args.data,),
+            cells=(),
+            spec=None,
+            state_dir=Path(tmp) / "state",
+            timezone="UTC",
+        )
+        cold = timed(lambda: load_site_dataset(config, spec), repeats=1)
+        warm = timed(lambda: load_site_dataset(config, spec))
+        print(f"\nload_site_dataset on {args.data.name}: first {cold:.2f} s, cached {warm:.2f} s")
+
         large = Path(tmp) / "Observation.ndjson"
         repeated_copy(observations, large, args.repeat)
-        print(f"\nmemory, {args.repeat}x file {large.stat().st_size / 2**20:.0f} MiB, validate=False")
+        print(
+            f"\nmemory, {args.repeat}x file {large.stat().st_size / 2**20:.0f} MiB, validate=False"
+        )
         print("| what | 1x peak MiB | 10x peak MiB |")
         print("|---|---:|---:|")
         stream_small = peak_mib(lambda: stream_only(observations, validate=False))
         stream_large = peak_mib(lambda: stream_only(large, validate=False))
-        print(f"| stream resources | {stream_small:.1f} | {stream_large:.1f} |")
+        print(f"| stream resources | {stream_small:.2f} | {stream_large:.2f} |")
         tables_small = peak_mib(lambda: read_fhir([patients, observations], spec, validate=False))
         tables_large = peak_mib(lambda: read_fhir([patients, large], spec, validate=False))
         print(f"| read_fhir (rows kept) | {tables_small:.1f} | {tables_large:.1f} |")

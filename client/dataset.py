@@ -47,11 +47,11 @@ class SiteDataset:
         `product` (str or None), `crs_grade` (float: max ASTCT grade, or the only grading
         given; NaN without a CRS Condition), `icans_grade` (float, NaN).
     timeline
-        One row per panel value: `patient_id`, `time` (datetime64[ns, UTC]), `precision`
-        (`year`, `month`, `day`, `minute`, `second`), `day` (float days since infusion,
-        NaN without infusion), `code` (panel key), `value` (float in the canonical unit,
-        NaN when absent), `unit` (canonical UCUM), `censored` (`""`, `<`, `<=`, `>`, `>=`),
-        `out_of_range` (bool), `source` (file path).
+        One row per panel value. Columns: `patient_id`, `time` (datetime64[ns, UTC]),
+        `precision` (`year`, `month`, `day`, `minute`, `second`), `day` (float days since
+        infusion, NaN without infusion), `code` (panel key), `value` (float in the canonical
+        unit, NaN when absent), `unit` (canonical UCUM), `censored` (`""`, `<`, `<=`, `>`,
+        `>=`), `out_of_range` (bool) and `source` (file path).
     events
         `patient_id`, `time`, `day`, `kind` (`infusion`, `crs`, `icans`, `condition`),
         `code` (`system|code`), `grade` (float, NaN), `grading` (str), `source`.
@@ -91,8 +91,8 @@ def load_site_dataset(
     Returns
     -------
     SiteDataset
-        The tables and the report. Bad records are counted in the report, never raised;
-        an unknown `timezone` raises `ValueError`.
+        The tables and the report. Bad FHIR records and unusable files are counted in the
+        report instead of raised. An unknown `timezone` raises `DateError` (a ValueError).
     """
     site_timezone(config.timezone)
     started = time.perf_counter()

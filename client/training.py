@@ -60,12 +60,13 @@ _insecure_rng_logged = False
 
 @dataclass
 class TrainResult:
-    """What one DP-SGD round did and what it cost.
+    """Outcome and privacy cost of one DP-SGD round.
 
     Attributes
     ----------
     loss
         Mean training loss over the patients sampled in the round, without the FedProx term.
+        It is computed without noise, so the DP guarantee does not cover it.
     steps
         Noisy optimizer steps, counted by the Opacus accountant of the round.
     num_examples
@@ -124,7 +125,7 @@ def _random_generator(device: torch.device) -> torch.Generator:
 def _poisson_loader(
     dataset: TensorDataset, *, sample_rate: float, steps: int
 ) -> DataLoader[tuple[Tensor, ...]]:
-    """Build a loader of `steps` batches; each patient joins each batch with `sample_rate`."""
+    """Build a loader of `steps` batches, each patient joining each batch with `sample_rate`."""
     sampler = UniformWithReplacementSampler(
         num_samples=len(dataset),
         sample_rate=sample_rate,
@@ -210,7 +211,8 @@ def make_private_training(
 def _set_empty_grad_sample(optimizer: Any) -> None:
     """Give every parameter zero per-sample gradients for an empty Poisson batch.
 
-    The step must still run and add noise: skipping it would reveal that no patient was sampled.
+    The step must still run and add noise, because skipping it would reveal that no patient was
+    sampled.
     """
     for p in optimizer.params:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
@@ -291,7 +293,7 @@ def train_dp(
         is clipped with the patient's. 0 is plain FedAvg.
     seed
         Seeds torch's global RNG (dropout and other randomness inside the model) for the round.
-        The Poisson sampler and the noise never use it, because anyone who knows the seed could
+        The Poisson sampler and the noise never use it, because anyone with the seed could
         regenerate the noise and the batches.
     run_name, server_round
         Stored with the round in the accountant file.
@@ -346,7 +348,7 @@ def train_dp(
                     if proximal_mu > 0:
                         _add_proximal_grad(optimizer, global_params, proximal_mu)
 
-                # Clip, add noise, step; the engine's accountant counts the step
+                # Clip, add noise and step; the engine's accountant counts each step
                 optimizer.step()
     finally:
         # A failed round still spends the ε of the steps it took, since the model has changed.
@@ -406,9 +408,10 @@ def train_plain(
     batch_size: int,
     seed: int,
 ) -> float:
-    """Train `model` in place with plain mini-batch SGD, no privacy; return the last epoch's loss.
+    """Train `model` in place with plain mini-batch SGD, no privacy, and return its final loss.
 
-    Only the centralised reference in the results uses it; nothing it trains leaves a site.
+    It exists for the centralised, non-private reference in the results. A model it trained has no
+    privacy guarantee and must not leave a site.
     """
     _validate_training(epochs=epochs, learning_rate=learning_rate, max_grad_norm=1.0)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -55,7 +55,7 @@ _TASK_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class AccountantStateError(ValueError):
-    """Raised when a stored accountant file is invalid; the store never resets ε to zero then."""
+    """Raised when a stored accountant file is invalid, instead of resetting ε to zero."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class RoundPrivacy:
     recorded_at: str
 
     def to_json(self) -> dict[str, Any]:
-        """Return a JSON-serialisable form; an infinite ε is written as null."""
+        """Return a JSON-serialisable form, with an infinite ε as null."""
         content = asdict(self)
         for key in ("epsilon_round", "epsilon_total"):
             if not math.isfinite(content[key]):
@@ -150,8 +150,8 @@ def _epsilon_of(accountant: str, history: list[tuple[float, float, int]], delta:
     return _cached_epsilon(accountant, tuple(history), delta)
 
 
-# One RDP evaluation took about 0.2 s per history entry on a 2-core x86 VM, and a round asks for the
-# same history several times (budget check, record, report), so results are cached by value.
+# One RDP evaluation took about 0.2 s per history entry on a 2-core x86 VM, and one round computes
+# ε of the same history several times (budget check, record, report), so results are cached.
 @functools.lru_cache(maxsize=256)
 def _cached_epsilon(
     accountant: str, history: tuple[tuple[float, float, int], ...], delta: float
@@ -180,7 +180,7 @@ class AccountantStore:
     Parameters
     ----------
     state_dir
-        The site's state folder; created when the first round is recorded.
+        The site's state folder, created when the first round is recorded.
     task
         Task name, such as `lab-forecast`.
     accountant

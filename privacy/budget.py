@@ -80,7 +80,7 @@ def check_round(
     Parameters
     ----------
     store
-        The task's accountant state; it is read, not changed.
+        The task's accountant state, which is read and not changed.
     delta
         δ at which ε is computed and capped.
     epsilon_cap
@@ -122,8 +122,8 @@ def check_round(
             reason=reason,
         )
 
-    # Reject noise below the policy minimum before projecting: a tiny noise_multiplier can make the
-    # accountant return an enormous or infinite ε, and the policy rejects it either way.
+    # Reject noise below the policy minimum before projecting, because a tiny noise_multiplier can
+    # make the accountant return an enormous or infinite ε, and the policy rejects it either way.
     if noise_multiplier < min_noise_multiplier:
         reason = (
             f"noise_multiplier {noise_multiplier:g} is below the site's minimum "

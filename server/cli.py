@@ -68,7 +68,8 @@ def add_partition_parser(subparsers: argparse._SubParsersAction[_Parser]) -> Non
             ".h5ad files, and <out>/partition.json with the per-site counts."
         ),
     )
-    parser.add_argument(
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument(
         "--fhir",
         type=Path,
         nargs="+",
@@ -76,7 +77,7 @@ def add_partition_parser(subparsers: argparse._SubParsersAction[_Parser]) -> Non
         metavar="PATH",
         help="NDJSON files, Bundle JSON files or folders of them",
     )
-    parser.add_argument(
+    inputs.add_argument(
         "--cells",
         type=Path,
         nargs="+",
@@ -84,10 +85,24 @@ def add_partition_parser(subparsers: argparse._SubParsersAction[_Parser]) -> Non
         metavar="PATH",
         help="10x .h5 files (one sample each), .h5ad files, or folders of them",
     )
-    parser.add_argument(
+    inputs.add_argument(
+        "--sample-sheet",
+        type=Path,
+        metavar="FILE",
+        help="TSV mapping each 10x sample (folder name) to its patient",
+    )
+    inputs.add_argument(
+        "--labels",
+        type=Path,
+        metavar="FILE",
+        help="TSV of cell-state labels, referenced by every site",
+    )
+
+    split = parser.add_argument_group("split")
+    split.add_argument(
         "--sites", type=int, required=True, metavar="N", help="number of site folders to write"
     )
-    parser.add_argument(
+    split.add_argument(
         "--by",
         default=PATIENT_MODE,
         metavar="patient|ATTRIBUTE",
@@ -95,73 +110,66 @@ def add_partition_parser(subparsers: argparse._SubParsersAction[_Parser]) -> Non
         "field such as gender, or usedCode for the Procedure product, whose "
         "value groups patients that stay together",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument(
+    split.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument(
         "--out",
         type=Path,
         required=True,
         metavar="DIR",
         help="folder that receives the site folders",
     )
-    parser.add_argument(
-        "--sample-sheet",
-        type=Path,
-        metavar="FILE",
-        help="TSV mapping each 10x sample (folder name) to its patient",
+    output.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier partition in --out"
     )
-    parser.add_argument(
-        "--labels",
-        type=Path,
-        metavar="FILE",
-        help="TSV of cell-state labels, referenced by every site",
-    )
-    parser.add_argument(
+    output.add_argument(
         "--spec",
         type=Path,
         metavar="FILE",
         help="feature spec referenced by every site (default: packaged spec)",
     )
-    parser.add_argument(
-        "--sheet-sample-column",
-        default="GEX_Sample",
-        metavar="NAME",
-        help="sample-sheet column with the sample id (default: GEX_Sample)",
-    )
-    parser.add_argument(
-        "--sheet-patient-column",
-        default="Patient",
-        metavar="NAME",
-        help="sample-sheet column with the patient id (default: Patient)",
-    )
-    parser.add_argument(
-        "--patient-column",
-        default="patient",
-        metavar="NAME",
-        help="obs column with the patient id in .h5ad inputs (default: patient)",
-    )
-    parser.add_argument(
-        "--sample-column",
-        default="sample",
-        metavar="NAME",
-        help="obs column with the sample id in .h5ad inputs (default: sample)",
-    )
-    parser.add_argument(
+    output.add_argument(
         "--epsilon-cap",
         type=float,
         default=10.0,
         metavar="EPSILON",
         help="[privacy] epsilon-cap written for every site (default: 10.0)",
     )
-    parser.add_argument(
+    output.add_argument(
         "--min-cohort",
         type=int,
         default=3,
         metavar="PATIENTS",
         help="[privacy] min-cohort written for every site (default: 3)",
     )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace an earlier partition in --out"
+
+    columns = parser.add_argument_group("column names")
+    columns.add_argument(
+        "--sheet-sample-column",
+        default="GEX_Sample",
+        metavar="NAME",
+        help="sample-sheet column with the sample id (default: GEX_Sample)",
     )
+    columns.add_argument(
+        "--sheet-patient-column",
+        default="Patient",
+        metavar="NAME",
+        help="sample-sheet column with the patient id (default: Patient)",
+    )
+    columns.add_argument(
+        "--patient-column",
+        default="patient",
+        metavar="NAME",
+        help="obs column with the patient id in .h5ad inputs (default: patient)",
+    )
+    columns.add_argument(
+        "--sample-column",
+        default="sample",
+        metavar="NAME",
+        help="obs column with the sample id in .h5ad inputs (default: sample)",
+    )
+
     parser.set_defaults(handler=_run_partition)
 
 

@@ -1,7 +1,7 @@
 """Synthetic CAR T cohort for the embedded demo: FHIR R4 NDJSON and single-cell counts per site.
 
-Every patient, value and date here is made up by a small latent model (described in
-docs/demo-cohort.md); every FHIR resource carries the synthetic tags of `SYNTHETIC_TAGS`. The
+Every patient, value and date here is made up by a small latent model, which
+docs/demo-cohort.md describes. Every FHIR resource carries the tags of `SYNTHETIC_TAGS`. The
 single cells are real PBMCs from `scanpy.datasets.pbmc68k_reduced()`, shipped inside scanpy,
 whose assignment to the synthetic patients is random.
 """
@@ -113,7 +113,7 @@ PRODUCTS = {
 
 @dataclass(frozen=True)
 class SiteProfile:
-    """What makes one demo site differ from the others (a non-IID consortium)."""
+    """Settings that make one demo site differ from the others (a non-IID consortium)."""
 
     products: dict[str, float]  # product code -> share of the site's patients
     crs_offset: float  # added to every patient's latent CRS severity
@@ -166,7 +166,7 @@ SITE_PROFILES = (
 
 @dataclass
 class DemoSite:
-    """Counts of what one demo site received."""
+    """Counts of the data written for one demo site."""
 
     name: str
     patients: int = 0
@@ -590,7 +590,7 @@ PBMC_TARGET_SUM = 1.0e4
 def derive_pbmc_counts(adata: anndata.AnnData) -> np.ndarray:
     """Return approximate UMI counts (cells x genes, int64) of `pbmc68k_reduced`'s `.raw`.
 
-    `.raw.X` holds log1p(counts / n_counts x 1e4) for 765 of the original genes, with
+    `.raw.X` contains log1p(counts / n_counts x 1e4) for 765 of the original genes, with
     `n_counts` the cell's total over all genes. Inverting that gives
     counts = expm1(raw.X) x n_counts / 1e4, which lands within 0.1 of an integer; the result
     is rounded.
@@ -626,7 +626,7 @@ def _split_cells(
     num_sites = len(site_patients)
     site_of_cell = np.zeros(adata.n_obs, dtype=np.int64)
 
-    # Per label, site shares ~ Dirichlet(2): each site sees every state, in different amounts
+    # Per label, site shares ~ Dirichlet(2), so every site gets every state in different amounts
     for label in sorted(set(labels)):
         members = np.flatnonzero(labels == label)
         members = members[rng.permutation(members.size)]

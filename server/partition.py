@@ -65,7 +65,7 @@ class PartitionError(ValueError):
 
 @dataclass
 class SiteSummary:
-    """What one site folder received."""
+    """Counts and patient ids of one site folder."""
 
     name: str
     patients: int = 0
@@ -158,10 +158,10 @@ def _bundle_resources(content: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 class _Problems:
-    """Counts dropped items per kind; logs the first few of each kind.
+    """Dropped items counted per kind, logging the first few of each kind.
 
-    Invalid input is logged as a warning; resources that are dropped by design (no Patient
-    reference) only at debug level, because the summary reports their count.
+    Invalid input is logged as a warning. Resources dropped by design (no Patient reference)
+    are logged at debug level only, because the summary reports their count.
     """
 
     def __init__(self) -> None:

@@ -128,7 +128,8 @@ def test_demo_products_differ_by_site(demo: Path) -> None:
         procedures = fhir(demo, site, "Procedure")
         assert all(p["code"]["coding"][0]["code"] == "car-t-infusion" for p in procedures)
         products.append({p["usedCode"][0]["coding"][0]["code"] for p in procedures})
-    assert products[0] != products[1] != products[2]
+    assert products[0] != products[1]
+    assert products[1] != products[2]
     assert not products[2] & (products[0] | products[1])
 
 
@@ -147,10 +148,12 @@ def test_demo_unit_variants(demo: Path) -> None:
             units[(site, key)].add(quantity["code"])
 
             if (key, quantity["code"]) not in factors:
-                one = ureg.Quantity(1.0, ureg.from_ucum(quantity["code"]).units)
+                unit_quantity = ureg.Quantity(1.0, ureg.from_ucum(quantity["code"]).units)
                 if quantity["code"] == "umol/L":
-                    one = one * ureg.Quantity(lab.molar_mass, "g/mol")
-                factors[(key, quantity["code"])] = one.to(ureg.from_ucum(lab.unit).units).magnitude
+                    unit_quantity = unit_quantity * ureg.Quantity(lab.molar_mass, "g/mol")
+                factors[(key, quantity["code"])] = unit_quantity.to(
+                    ureg.from_ucum(lab.unit).units
+                ).magnitude
             canonical = quantity["value"] * factors[(key, quantity["code"])]
             assert lab.low <= canonical <= lab.high, (site, key, quantity)
 

@@ -46,7 +46,8 @@ def test_partition_mimic_by_patient(shared_data: Path, tmp_path: Path) -> None:
     summary = partition_dataset(fhir=[source], cells=[], num_sites=3, out=tmp_path, seed=3)
 
     sets = site_patients(tmp_path, 3)
-    assert sum(len(s) for s in sets) == len(patients) == 80
+    assert len(patients) == 80
+    assert sum(len(s) for s in sets) == len(patients)
     assert set().union(*sets) == patients
     for a in range(3):
         for b in range(a + 1, 3):
@@ -60,7 +61,8 @@ def test_partition_mimic_by_patient(shared_data: Path, tmp_path: Path) -> None:
         site_observations = read_ndjson(tmp_path / f"site-{k}" / "fhir" / "Observation.ndjson")
         assert {subject_id(r) for r in site_observations} <= members
         written += len(site_observations)
-    assert written == len(observations) == 14_930
+    assert len(observations) == 14_930
+    assert written == len(observations)
     assert summary.dropped == {}
 
     stored = orjson.loads((tmp_path / "partition.json").read_bytes())
@@ -155,7 +157,8 @@ def test_partition_carpall_cells(shared_data: Path, tmp_path: Path) -> None:
         assert summary.sites[k - 1].cells == sum(barcodes[s] for s in samples)
     assert sorted(seen_samples) == sorted(barcodes)
     assert len(seen_samples) == 26
-    assert sum(len(p) for p in seen_patients) == len(set().union(*seen_patients)) == 9
+    assert len(set().union(*seen_patients)) == 9
+    assert sum(len(p) for p in seen_patients) == 9
     assert sum(site.samples for site in summary.sites) == 26
 
 

@@ -20,8 +20,8 @@ LOCAL_TOXICITY = "https://example.org/fedtwin/CodeSystem/car-t-toxicity"
 # is the one the bundled cohorts use. ICD-10-PCS XW033C3 / XW043C3 (engineered autologous
 # CAR T cell immunotherapy into a peripheral / central vein) and CPT 0540T (CAR T cell
 # administration) are standard procedure codes for the same act.
-# NOTE: the ICD-10-PCS and CPT codes are listed from the code systems' published titles as
-# remembered, not checked against a code table here; extend this set for other local codes.
+# NOTE: the ICD-10-PCS and CPT codes were written from the code systems' published titles
+# and not checked against a code table. Extend this set for a site's local codes.
 INFUSION_CODES = frozenset(
     {
         "https://example.org/fedtwin/CodeSystem/cell-therapy|car-t-infusion",

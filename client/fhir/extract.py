@@ -23,7 +23,7 @@ _DROPPED_STATUS = {"entered-in-error", "cancelled", "not-done"}
 
 @dataclass(slots=True)
 class PatientRow:
-    """What a Patient resource says about one patient."""
+    """The fields of one Patient resource that fedtwin uses."""
 
     patient_id: str
     sex: str | None
@@ -390,7 +390,11 @@ def _unit_of(quantity: dict[str, Any]) -> str | None:
     if code and quantity.get("system") in (None, _UCUM):
         return str(code)
     unit = quantity.get("unit")
-    return str(unit) if unit else (str(code) if code else None)
+    if unit:
+        return str(unit)
+    if code:
+        return str(code)
+    return None
 
 
 def _first_code(concept: Any) -> str | None:
@@ -462,9 +466,9 @@ def _concept_name(concept: Any) -> str | None:
 def _toxicity_grade(data: dict[str, Any]) -> tuple[float, str]:
     """Return (grade, grading system) of a CRS or ICANS Condition.
 
-    ASTCT grades win over other gradings (`stage.type` codes containing `astct`); without
-    one, a single grading system's maximum is used; without any stage, the grade that an
-    ICD-10-CM code carries.
+    ASTCT grades (`stage.type` codes containing `astct`) win over other gradings. Without
+    them, the maximum of a single grading system is used. Without any stage, the grade
+    that an ICD-10-CM code carries is used.
     """
     graded: dict[str, float] = {}
     for stage in data.get("stage") or []:

@@ -55,7 +55,7 @@ class FhirSource:
         JSON resource).
     resource_type
         The type that the NDJSON file name promises (`Observation` for
-        `Observation.000.ndjson`), or None when the name does not say.
+        `Observation.000.ndjson`), or None when the name gives no type.
     """
 
     path: Path
@@ -75,7 +75,7 @@ def discover_sources(paths: Iterable[Path]) -> tuple[list[FhirSource], list[tupl
     """Find the FHIR input files under the given files and folders.
 
     A folder contributes its `*.ndjson` files named after a resource type and its `*.json`
-    files (Bundles); other files in it, such as a Bulk Data export's `log.ndjson`, are
+    files (Bundles). Other files in it, such as a Bulk Data export's `log.ndjson`, are
     ignored. A file given by name is always read.
 
     Returns
@@ -132,7 +132,7 @@ def iter_resources(
 ) -> Iterator[RawResource]:
     """Yield the resources of one source; count unreadable lines and mark unusable files.
 
-    NDJSON files are read line by line, so memory holds one resource at a time. A Bundle is
+    NDJSON files are read line by line, so only one resource is in memory at a time. A Bundle is
     one JSON document and is parsed whole. `on_bytes` receives the size of each line read
     (for progress bars).
     """
