@@ -177,6 +177,9 @@ def make_private_training(
     if not math.isfinite(noise_multiplier) or noise_multiplier < 0:
         msg = f"noise_multiplier must be zero or positive, got {noise_multiplier}."
         raise ValueError(msg)
+    if not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
+        msg = f"max_grad_norm must be a positive number, got {max_grad_norm}."
+        raise ValueError(msg)
     validate_sampling(sample_rate=sample_rate, steps=steps)
     if len(dataset) == 0:
         msg = "the training dataset has no patients; DP-SGD needs at least one."
@@ -223,9 +226,8 @@ def _add_proximal_grad(
 ) -> None:
     """Add the FedProx gradient mu · (w − w_global) to every patient's gradient, before clipping."""
     for p in optimizer.params:
-        p.grad_sample = p.grad_sample + proximal_mu * (p.detach() - global_params[id(p)]).unsqueeze(
-            0
-        )
+        proximal_grad = proximal_mu * (p.detach() - global_params[id(p)])
+        p.grad_sample = p.grad_sample + proximal_grad.unsqueeze(0)
 
 
 @contextmanager

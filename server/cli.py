@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from models.spec import SpecError
+from server.cli_run import add_consortium_parser, add_demo_parser, add_simulate_parser
 from server.demo_cohort import DemoCohortError, generate_demo_cohort
 from server.partition import PATIENT_MODE, PartitionError, format_summary, partition_dataset
+from server.run_config import RunConfigError
 
 __all__ = ["add_demo_cohort_parser", "add_partition_parser", "build_parser", "main"]
 
@@ -23,7 +25,13 @@ PROG = "fedtwin-coordinator"
 EXIT_USAGE = 2
 
 # Errors that come from the user's input or options; each is shown as one line.
-USER_ERRORS: tuple[type[Exception], ...] = (PartitionError, DemoCohortError, SpecError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    PartitionError,
+    DemoCohortError,
+    SpecError,
+    RunConfigError,
+    ValueError,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -214,7 +222,10 @@ def add_demo_cohort_parser(subparsers: argparse._SubParsersAction[_Parser]) -> N
 
 # Commands in the order `--help` lists them.
 COMMANDS: list[Callable[[argparse._SubParsersAction[_Parser]], None]] = [
+    add_demo_parser,
+    add_simulate_parser,
     add_partition_parser,
+    add_consortium_parser,
     add_demo_cohort_parser,
 ]
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from flwr.clientapp import ClientApp
-from flwr.supercore.object_ref import load_app
 from flwr.simulation import run_simulation
+from flwr.supercore.object_ref import load_app
 
 from server.app import make_server_app
+from server.strategy import FedTwinResult
 
 __all__ = ["REPO_ROOT", "count_sites", "run_federation"]
 
@@ -45,7 +47,12 @@ def _client_app() -> ClientApp:
     return app
 
 
-def run_federation(run_config: dict[str, Any], *, cpus_per_site: float = 1.0) -> None:
+def run_federation(
+    run_config: dict[str, Any],
+    *,
+    cpus_per_site: float = 1.0,
+    on_result: Callable[[FedTwinResult], None] | None = None,
+) -> None:
     """Run the ServerApp with `run_config` and one simulated site per site folder of its consortium."""
     consortium = Path(str(run_config["consortium"])).resolve()
     num_sites = count_sites(consortium)
@@ -56,7 +63,7 @@ def run_federation(run_config: dict[str, Any], *, cpus_per_site: float = 1.0) ->
     config = {**run_config, "consortium": str(consortium)}
     logger.info("Simulating %d sites of %s, task %s", num_sites, consortium, config.get("task"))
     run_simulation(
-        server_app=make_server_app(config),
+        server_app=make_server_app(config, on_result=on_result),
         client_app=_client_app(),
         num_supernodes=num_sites,
         backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0}},
