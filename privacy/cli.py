@@ -11,7 +11,8 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,14 +188,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `fedtwin-steward` with `argv` (default: `sys.argv[1:]`) and return the exit code."""
     args = build_parser().parse_args(argv)
-    # force=True because Opacus configures the root logger when it is imported.
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
     run: Callable[[argparse.Namespace], int] = args.run
-    return run(args)
+    with _command_logging(verbose=args.verbose):
+        return run(args)
+
+
+@contextmanager
+def _command_logging(*, verbose: bool) -> Iterator[None]:
+    """Log to standard error while a command runs, then restore the root logger.
+
+    The command's handler replaces the root handlers for its duration, including the one that
+    Opacus installs when it is imported. Restoring them keeps `main` free of side effects when it
+    is called in-process, as the tests do.
+    """
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.handlers = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    try:
+        yield
+    finally:
+        root.handlers = saved_handlers
+        root.setLevel(saved_level)
 
 
 if __name__ == "__main__":

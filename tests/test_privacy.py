@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -400,3 +401,13 @@ def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
         main(["budget", "--help"])
     assert exited.value.code == 0
     assert "STATE_DIR" in capsys.readouterr().out
+
+
+def test_cli_restores_logging(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An in-process run leaves no handler bound to this test's captured standard error."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    assert main(["--verbose", "budget", str(tmp_path)]) == 0
+    assert root.handlers == handlers
+    assert root.level == level
+    assert "No accountant files" in capsys.readouterr().out
