@@ -154,7 +154,6 @@ class SiteTask:
         )
         metrics = {
             Metric.NUM_EXAMPLES: float(result.num_examples),
-            Metric.TRAIN_LOSS: result.loss,
             Metric.EPSILON_ROUND: result.epsilon_round,
             Metric.EPSILON_TOTAL: result.epsilon_total,
             Metric.DELTA: result.delta,
@@ -163,6 +162,11 @@ class SiteTask:
             Metric.SAMPLE_RATE: result.sample_rate,
             Metric.STEPS: float(result.steps),
         }
+        # NOTE: the training loss is an average over this site's patients computed
+        # without noise, so it is outside the DP guarantee; it is sent only from a
+        # cohort of at least the policy's minimum size, like every other metric.
+        if result.num_examples >= policy.min_cohort and math.isfinite(result.loss):
+            metrics[Metric.TRAIN_LOSS] = result.loss
         return SiteOutcome(Status.OK, "", metrics, model.state_dict(), result.accountant)
 
     def evaluate(self, state_dict: dict[str, torch.Tensor], seed: int) -> SiteOutcome:
