@@ -74,6 +74,7 @@ class SiteExamples:
     test: list[int]
     delta: float
     min_cohort: int
+    epsilon_cap: float
 
     def train_examples(self) -> TaskExamples:
         """Return the examples of the site's training patients."""
@@ -139,7 +140,15 @@ def load_sites(
         )
         delta = config.privacy.delta or default_delta(max(len(train), 1))
         sites.append(
-            SiteExamples(config.name, examples, train, test, delta, config.privacy.min_cohort)
+            SiteExamples(
+                name=config.name,
+                examples=examples,
+                train=train,
+                test=test,
+                delta=delta,
+                min_cohort=config.privacy.min_cohort,
+                epsilon_cap=config.privacy.epsilon_cap,
+            )
         )
     return sites
 

@@ -133,6 +133,8 @@ def train_site_alone(
     temporary folder, so no site's real privacy state is touched.
     """
     model = initial_model(task, spec, run_config)
+    # Opacus accepts only a module in training mode.
+    model.train()
     dataset = site.train_examples().dataset()
     models: list[nn.Module] = []
     rounds: list[TrainResult] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,8 @@ class TaskResult:
     federated_by_round: list[Metrics]
     manifests: list[dict[str, Any]]
     centralised: Scores
+    matched: PlainSettings
+    centralised_matched: Scores
     alone: dict[str, SiteAloneScores]
     baseline_pooled: Metrics
     baseline_site: dict[str, Metrics]
@@ -69,6 +72,11 @@ class TaskResult:
     def task(self) -> str:
         """The task name."""
         return self.source.task
+
+    @property
+    def pooled_train_patients(self) -> int:
+        """The training patients of all sites together."""
+        return sum(len(site.train) for site in self.sites)
 
 
 def _federate(run_config: dict[str, Any]) -> FedTwinResult:
@@ -125,6 +133,17 @@ def run_task(
     # Centralised reference without DP
     centralised_model = train_centralised(task, spec, run_config, pooled_train, plain)
     centralised = score_everywhere(task, centralised_model, sites, pooled_test)
+
+    # The same reference with the federated run's schedule: one epoch per local epoch and
+    # round, in batches of about sample_rate x patients, so about as many steps as a site takes
+    matched = PlainSettings(
+        epochs=run_config.num_server_rounds * run_config.local_epochs,
+        learning_rate=run_config.learning_rate,
+        batch_size=max(1, math.ceil(run_config.sample_rate * len(pooled_train))),
+        seed=plain.seed,
+    )
+    matched_model = train_centralised(task, spec, run_config, pooled_train, matched)
+    centralised_matched = score_everywhere(task, matched_model, sites, pooled_test)
     seconds["centralised"] = time.perf_counter() - started
 
     # Each site alone with DP
@@ -168,6 +187,8 @@ def run_task(
         federated_by_round=federated_by_round,
         manifests=[manifest for _, manifest in rounds],
         centralised=centralised,
+        matched=matched,
+        centralised_matched=centralised_matched,
         alone=alone,
         baseline_pooled=baseline_pooled,
         baseline_site=baseline_site,

@@ -130,7 +130,8 @@ def site_totals(
     patient_ids = set(patients.index)
     with_cells = {str(sample.patient_id) for sample in cells.values()}
     return {
-        "patients": len(patients),
+        "patients": len(patient_ids | with_cells),
+        "patients-fhir": len(patients),
         "patients-with-values": int(timeline["patient_id"].nunique()),
         "patients-with-infusion": int(patients["infusion_time"].notna().sum()),
         "resources": counts["resources"],
