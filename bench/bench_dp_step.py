@@ -285,7 +285,7 @@ def run(args: argparse.Namespace, cohort: Path) -> dict[str, Any]:
                             warmup=args.warmup,
                         )
                     )
-                except Exception as err:  # noqa: BLE001 - a mode that cannot wrap the model is a result
+                except Exception as err:
                     entry["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
                 results.append(entry)
                 print_entry(entry)

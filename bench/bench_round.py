@@ -49,11 +49,10 @@ if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
 import torch
+from bench_dp_step import machine_info
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-
-from bench_dp_step import machine_info
 
 VARIANTS = ("fedtwin", "bare-dp", "bare-sgd")
 DEFAULT_OUT = BENCH_DIR / "out" / "round.json"

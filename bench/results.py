@@ -25,19 +25,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from results_data import COHORTS, check_data_folder  # noqa: E402
-from results_eval import PlainSettings  # noqa: E402
-from results_plots import plot_task  # noqa: E402
-from results_report import Setup, render  # noqa: E402
-from results_run import TaskResult, run_task  # noqa: E402
+from results_data import COHORTS, check_data_folder
+from results_eval import PlainGrid
+from results_plots import plot_task
+from results_report import Setup, render
+from results_run import TaskResult, run_task
 
-from models.spec import load_spec  # noqa: E402
+from models.spec import load_spec
 
 DEFAULT_DATA = Path("/work/shared/data")
 DEFAULT_ROUNDS = 5
 QUICK_ROUNDS = 2
-PLAIN_EPOCHS = 60
-QUICK_PLAIN_EPOCHS = 15
+PLAIN_EPOCHS = (10, 30, 60)
+QUICK_PLAIN_EPOCHS = (5, 15)
+PLAIN_LEARNING_RATES = (0.01, 0.03, 0.1)
 PLAIN_BATCH_SIZE = 8
 
 
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"{QUICK_ROUNDS} rounds and {QUICK_PLAIN_EPOCHS} centralised epochs, for a smoke run",
+        help=f"{QUICK_ROUNDS} rounds and at most {max(QUICK_PLAIN_EPOCHS)} centralised epochs",
     )
     parser.add_argument(
         "--data",
@@ -93,9 +94,9 @@ def run(args: argparse.Namespace, work: Path) -> int:
     rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
     spec = load_spec(None)
     overrides = {"num-server-rounds": rounds}
-    plain = PlainSettings(
+    grid = PlainGrid(
         epochs=QUICK_PLAIN_EPOCHS if args.quick else PLAIN_EPOCHS,
-        learning_rate=0.1,
+        learning_rates=PLAIN_LEARNING_RATES,
         batch_size=PLAIN_BATCH_SIZE,
         seed=0,
     )
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         print(f"[results] {cohort.task}: {rounds} rounds on {cohort.description}", flush=True)
         task_started = time.perf_counter()
         results.append(
-            run_task(cohort, data=args.data, work=work, spec=spec, overrides=overrides, plain=plain)
+            run_task(cohort, data=args.data, work=work, spec=spec, overrides=overrides, grid=grid)
         )
         print(
             f"[results] {cohort.task} done in {time.perf_counter() - task_started:.0f} s",

@@ -22,7 +22,7 @@ from client.training import TrainResult, train_dp, train_plain
 from models.examples import TaskExamples
 from models.lab_forecast import forecast_targets
 from models.spec import FeatureSpec
-from models.tasks import TwinTask
+from models.tasks import TwinTask, split_patients
 from privacy.accountant import AccountantStore
 from server.app import build_initial_arrays
 from server.checkpoint import load_checkpoint
@@ -90,6 +90,70 @@ class PlainSettings:
     learning_rate: float
     batch_size: int
     seed: int
+    validation_loss: float = math.nan
+
+
+@dataclass(frozen=True)
+class PlainGrid:
+    """Candidate epochs and learning rates of the centralised reference, and its batch size."""
+
+    epochs: tuple[int, ...]
+    learning_rates: tuple[float, ...]
+    batch_size: int
+    seed: int
+
+
+def validation_loss(task: TwinTask, model: nn.Module, examples: TaskExamples) -> float:
+    """Return the task's training loss on `examples`, or inf when it is not finite."""
+    model.eval()
+    with torch.no_grad():
+        loss = float(task.loss(model, examples.tensors))
+    return loss if math.isfinite(loss) else math.inf
+
+
+def select_plain_settings(
+    task: TwinTask,
+    spec: FeatureSpec,
+    run_config: RunConfig,
+    pooled_train: TaskExamples,
+    grid: PlainGrid,
+) -> PlainSettings:
+    """Choose the reference's epochs and learning rate on an inner split of the training patients.
+
+    A quarter of the pooled training patients (`split_patients` with another seed) is kept
+    aside. For each learning rate one model is trained on the rest, and after each number
+    of epochs in the grid its loss on the kept-aside patients is measured. The held-out
+    patients of the sites take no part in the choice.
+    """
+    inner_train, inner_val = split_patients(
+        pooled_train.patient_ids, holdout_fraction=0.25, seed=grid.seed + 1
+    )
+    fit = pooled_train.subset(inner_train)
+    check = pooled_train.subset(inner_val)
+    batch_size = min(grid.batch_size, len(fit))
+
+    best: PlainSettings | None = None
+    for learning_rate in grid.learning_rates:
+        model = initial_model(task, spec, run_config)
+        done = 0
+        for epochs in sorted(grid.epochs):
+            train_plain(
+                model,
+                fit.dataset(),
+                task.loss,
+                epochs=epochs - done,
+                learning_rate=learning_rate,
+                batch_size=batch_size,
+                seed=grid.seed + done,
+            )
+            done = epochs
+            loss = validation_loss(task, model, check)
+            if best is None or loss < best.validation_loss:
+                best = PlainSettings(epochs, learning_rate, grid.batch_size, grid.seed, loss)
+    if best is None:
+        msg = "The centralised grid is empty; give at least one epoch count and learning rate."
+        raise ValueError(msg)
+    return best
 
 
 def train_centralised(

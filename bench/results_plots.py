@@ -9,8 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-from results_run import TaskResult  # noqa: E402
+import matplotlib.pyplot as plt
+from results_run import TaskResult
 
 # Metric drawn per round for each task, and whether lower is better.
 PLOT_METRIC = {

@@ -203,7 +203,9 @@ def _task_section(result: TaskResult, plot: Path, doc: Path) -> list[str]:
         f"Data: {result.source.description}. Model parameters: {result.parameters}. "
         f"Wall time: data {result.seconds['data']:.0f} s, federation "
         f"{result.seconds['federation']:.0f} s, centralised {result.seconds['centralised']:.0f} s, "
-        f"sites alone {result.seconds['site-alone']:.0f} s.",
+        f"sites alone {result.seconds['site-alone']:.0f} s. Centralised reference: "
+        f"learning_rate {result.plain.learning_rate:g}, {result.plain.epochs} epochs (loss "
+        f"{result.plain.validation_loss:.3f} on the kept-aside training patients).",
         "",
         *_cohort_lines(result),
         "",
@@ -292,7 +294,7 @@ def _held_out_range(results: list[TaskResult]) -> str:
 
 def _setup_section(results: list[TaskResult], setup: Setup) -> list[str]:
     config = results[0].run_config
-    plain = results[0].plain
+    grid = results[0].grid
     steps = steps_per_round(config)
     lines = [
         "## Setup",
@@ -312,13 +314,17 @@ def _setup_section(results: list[TaskResult], setup: Setup) -> list[str]:
         "hold out. The script loads every site's data itself and scores the last checkpoint "
         "(`server.checkpoint`) with the task's `evaluate`, per site and on the pooled held-out "
         "patients of all sites.",
-        f"- Centralised reference: all sites' training patients pooled, plain mini-batch SGD "
-        f"(`client.training.train_plain`), {plain.epochs} epochs, batch size {plain.batch_size}, "
-        f"learning_rate {plain.learning_rate}, no DP, from the same initial model. A second "
-        "centralised model follows the federated run's schedule instead: one epoch per round "
-        "and local epoch, in batches of sample_rate × pooled training patients, so it takes "
-        "about as many steps as each site. It separates the cost of the short schedule from "
-        "the cost of DP.",
+        "- Centralised reference: all sites' training patients pooled, plain mini-batch SGD "
+        f"(`client.training.train_plain`), batch size {grid.batch_size}, no DP, from the same "
+        "initial model. Its learning rate (from "
+        f"{', '.join(f'{lr:g}' for lr in grid.learning_rates)}) and epochs (from "
+        f"{', '.join(str(e) for e in grid.epochs)}) are chosen by the task's loss on a quarter "
+        "of the pooled training patients kept aside; then the model is trained on all of "
+        "them. The sites' held-out patients take no part in the choice. A second centralised "
+        "model follows the federated run's schedule instead: one epoch per round and local "
+        "epoch, in batches of sample_rate × pooled training patients, so it takes about as "
+        "many steps as each site. It separates the cost of the short schedule from the cost "
+        "of DP.",
         "- Each site alone: `client.training.train_dp` on the site's training patients with the "
         "federated run's settings and δ, one call per round, with its accountant in a temporary "
         "folder so no site's privacy state is touched.",

@@ -13,6 +13,7 @@ from results_data import CohortSource, SiteExamples, build_consortium, load_site
 from results_eval import (
     CodeErrors,
     Metrics,
+    PlainGrid,
     PlainSettings,
     Scores,
     checkpoint_models,
@@ -22,6 +23,7 @@ from results_eval import (
     pooled_sets,
     score,
     score_everywhere,
+    select_plain_settings,
     train_centralised,
     train_site_alone,
 )
@@ -53,6 +55,7 @@ class TaskResult:
 
     source: CohortSource
     run_config: RunConfig
+    grid: PlainGrid
     plain: PlainSettings
     sites: list[SiteExamples]
     parameters: int
@@ -95,7 +98,7 @@ def run_task(
     work: Path,
     spec: FeatureSpec,
     overrides: dict[str, Any],
-    plain: PlainSettings,
+    grid: PlainGrid,
 ) -> TaskResult:
     """Build the task's real consortium, run every compared model and score it."""
     task = get_task(source.task)
@@ -130,7 +133,8 @@ def run_task(
     final_model = rounds[-1][0]
     federated = score_everywhere(task, final_model, sites, pooled_test)
 
-    # Centralised reference without DP
+    # Centralised reference without DP, its epochs and learning rate chosen without the held-out
+    plain = select_plain_settings(task, spec, run_config, pooled_train, grid)
     centralised_model = train_centralised(task, spec, run_config, pooled_train, plain)
     centralised = score_everywhere(task, centralised_model, sites, pooled_test)
 
@@ -180,6 +184,7 @@ def run_task(
     return TaskResult(
         source=source,
         run_config=run_config,
+        grid=grid,
         plain=plain,
         sites=sites,
         parameters=parameter_count(final_model),

@@ -1,0 +1,1 @@
+"""Site: data ingestion, local DP training, the ClientApp and the site CLI."""

@@ -32,6 +32,22 @@ def _config_value(config: ConfigRecord, context: Context, key: str, default: Any
     return context.run_config.get(key, default)
 
 
+def _number(config: ConfigRecord, key: str) -> int | float:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        msg = f"Config key {key!r} must be a number, got {value!r} from the coordinator."
+        raise ValueError(msg)
+    return value
+
+
+def _int(config: ConfigRecord, key: str) -> int:
+    return int(_number(config, key))
+
+
+def _float(config: ConfigRecord, key: str) -> float:
+    return float(_number(config, key))
+
+
 def _site_task(config: ConfigRecord, context: Context) -> SiteTask:
     consortium = str(_config_value(config, context, Config.CONSORTIUM))
     site = resolve_site(context.node_config, consortium)
@@ -62,7 +78,7 @@ def _reply(msg: Message, outcome: SiteOutcome, site: str, spec_sha256: str) -> M
 
 
 def _handle(msg: Message, context: Context, *, training: bool) -> Message:
-    config = msg.content[CONFIG]
+    config = msg.content.config_records[CONFIG]
     site_name = str(context.node_config.get("partition-id", context.node_id))
     try:
         site_task = _site_task(config, context)
@@ -75,19 +91,19 @@ def _handle(msg: Message, context: Context, *, training: bool) -> Message:
             )
             return _reply(msg, outcome, site_name, site_task.spec.sha256)
 
-        state_dict = msg.content[ARRAYS].to_torch_state_dict()
-        seed = int(config[Config.SEED])
+        state_dict = msg.content.array_records[ARRAYS].to_torch_state_dict()
+        seed = _int(config, Config.SEED)
         if training:
             settings = RoundSettings(
                 run_name=str(config[Config.RUN_NAME]),
-                server_round=int(config[Config.SERVER_ROUND]),
-                local_epochs=int(config[Config.LOCAL_EPOCHS]),
-                learning_rate=float(config[Config.LEARNING_RATE]),
-                noise_multiplier=float(config[Config.NOISE_MULTIPLIER]),
-                max_grad_norm=float(config[Config.MAX_GRAD_NORM]),
-                sample_rate=float(config[Config.SAMPLE_RATE]),
-                target_epsilon_per_round=float(config[Config.TARGET_EPSILON_PER_ROUND]),
-                proximal_mu=float(config[Config.PROXIMAL_MU]),
+                server_round=_int(config, Config.SERVER_ROUND),
+                local_epochs=_int(config, Config.LOCAL_EPOCHS),
+                learning_rate=_float(config, Config.LEARNING_RATE),
+                noise_multiplier=_float(config, Config.NOISE_MULTIPLIER),
+                max_grad_norm=_float(config, Config.MAX_GRAD_NORM),
+                sample_rate=_float(config, Config.SAMPLE_RATE),
+                target_epsilon_per_round=_float(config, Config.TARGET_EPSILON_PER_ROUND),
+                proximal_mu=_float(config, Config.PROXIMAL_MU),
                 seed=seed,
             )
             outcome = site_task.train(state_dict, settings)

@@ -58,8 +58,16 @@ class SiteConfig:
 
 _SITE_KEYS = {"name", "fhir", "cells", "spec", "state-dir", "timezone"}
 _CELLS_KEYS = {
-    "patient-column", "sample-column", "label-column", "sample-sheet", "sample-sheet-sample",
-    "sample-sheet-patient", "labels", "labels-cell-column", "labels-label-column", "patient",
+    "patient-column",
+    "sample-column",
+    "label-column",
+    "sample-sheet",
+    "sample-sheet-sample",
+    "sample-sheet-patient",
+    "labels",
+    "labels-cell-column",
+    "labels-label-column",
+    "patient",
 }
 _PRIVACY_KEYS = {"epsilon-cap", "delta", "min-noise-multiplier", "min-cohort", "privacy-unit"}
 

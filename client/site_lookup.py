@@ -15,10 +15,13 @@ NODE_SITE_CONFIG = "site-config"
 
 
 def consortium_sites(consortium: str | Path) -> list[Path]:
-    """Return the site folders of a consortium folder (subfolders with `site.toml`), sorted by name."""
+    """Return the site folders (subfolders with `site.toml`) of a consortium, sorted by name."""
     root = Path(consortium)
     if not root.is_dir():
-        msg = f"Consortium folder {root} not found; set run config key `consortium` to a folder of site folders."
+        msg = (
+            f"Consortium folder {root} not found; set run config key `consortium` "
+            "to a folder of site folders."
+        )
         raise SiteConfigError(msg)
     sites = sorted(p for p in root.iterdir() if (p / "site.toml").is_file())
     if not sites:
@@ -44,7 +47,9 @@ def resolve_site(node_config: Mapping[str, Any], consortium: str) -> SiteConfig:
         )
         raise SiteConfigError(msg)
     if not consortium:
-        msg = "Run config key `consortium` is empty, so a simulated node cannot find its site folder."
+        msg = (
+            "Run config key `consortium` is empty, so a simulated node cannot find its site folder."
+        )
         raise SiteConfigError(msg)
 
     sites = consortium_sites(consortium)

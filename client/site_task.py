@@ -1,4 +1,4 @@
-"""One site's work for one task: local DP training and evaluation, independent of Flower messages."""
+"""One site's work for one task: local DP training and evaluation, without Flower messages."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class SiteTask:
         return model
 
     def train(self, state_dict: dict[str, torch.Tensor], settings: RoundSettings) -> SiteOutcome:
-        """Train the global model on this site's training patients with DP-SGD, if the budget allows."""
+        """Train the global model on the site's training patients with DP-SGD, budget permitting."""
         examples, train_idx, _ = self.examples(settings.seed)
         if not train_idx:
             return SiteOutcome(
@@ -127,7 +127,9 @@ class SiteTask:
             steps=steps,
         )
         if not decision.allowed:
-            logger.warning("Site %s refused round %d: %s", self.site, settings.server_round, decision.reason)
+            logger.warning(
+                "Site %s refused round %d: %s", self.site, settings.server_round, decision.reason
+            )
             return SiteOutcome(
                 Status.REFUSED_BUDGET,
                 decision.reason,

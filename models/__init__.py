@@ -1,0 +1,1 @@
+"""Twin submodels in plain PyTorch, the consortium feature spec and the wire names."""

@@ -125,12 +125,16 @@ def parse_spec(content: dict[str, Any], source: str) -> FeatureSpec:
     by_coding: dict[str, str] = {}
     for lab in labs:
         if lab.transform not in ("identity", "log1p"):
-            msg = f"{source}: lab {lab.key!r} has transform {lab.transform!r}; use identity or log1p."
+            msg = (
+                f"{source}: lab {lab.key!r} has transform {lab.transform!r}; use identity or log1p."
+            )
             raise SpecError(msg)
         keys = [f"loinc|{c}" for c in lab.loinc] + list(lab.local)
         for coding in keys:
             if coding in by_coding and by_coding[coding] != lab.key:
-                msg = f"{source}: code {coding!r} maps to both {by_coding[coding]!r} and {lab.key!r}."
+                msg = (
+                    f"{source}: code {coding!r} maps to both {by_coding[coding]!r} and {lab.key!r}."
+                )
                 raise SpecError(msg)
             by_coding[coding] = lab.key
 
@@ -157,7 +161,10 @@ def load_spec(path: str | Path | None = None) -> FeatureSpec:
     else:
         file = Path(path)
         if not file.is_file():
-            msg = f"Feature spec {file} not found; pass an existing TOML file or omit it for the default."
+            msg = (
+                f"Feature spec {file} not found; pass an existing TOML file "
+                "or omit it for the default."
+            )
             raise SpecError(msg)
         text = file.read_text(encoding="utf-8")
         source = str(file)

@@ -1,0 +1,1 @@
+"""Opacus accountants, the privacy budget check and the steward CLI."""

@@ -1,0 +1,1 @@
+"""Coordinator: ServerApp, strategy, update validation, checkpoints and the coordinator CLI."""

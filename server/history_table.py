@@ -6,6 +6,17 @@ from server.checkpoint import RoundRecord
 
 __all__ = ["format_history"]
 
+_COLUMNS = (
+    ("round", 5),
+    ("site", -14),
+    ("status", -16),
+    ("patients", 8),
+    ("epsilon round", 13),
+    ("epsilon total", 13),
+    ("delta", 8),
+    ("accountant", -10),
+)
+
 
 def _number(value: object, digits: int = 3) -> str:
     if value is None:
@@ -15,20 +26,35 @@ def _number(value: object, digits: int = 3) -> str:
     return str(value)
 
 
+def _row(cells: list[str]) -> str:
+    parts = []
+    for text, (_, width) in zip(cells, _COLUMNS, strict=True):
+        parts.append(text.ljust(-width) if width < 0 else text.rjust(width))
+    return "  ".join(parts).rstrip()
+
+
 def format_history(history: list[RoundRecord]) -> str:
-    """Return one row per site and round (status, patients, ε with δ) plus the evaluation metrics."""
-    header = f"{'round':>5}  {'site':<14} {'status':<16} {'patients':>8}  {'epsilon round':>13}  {'epsilon total':>13}  {'delta':>8}  accountant"
-    lines = ["Training (epsilon: (epsilon, delta)-DP per site, unit: patient)", header]
+    """Return a per-site, per-round privacy table and the evaluation metrics of each round."""
+    lines = [
+        "Training (epsilon: (epsilon, delta)-DP per site, privacy unit: patient)",
+        _row([name for name, _ in _COLUMNS]),
+    ]
     for record in history:
         for entry in record.sites:
-            lines.append(
-                f"{record.server_round:>5}  {entry.site:<14} {entry.status:<16} "
-                f"{_number(entry.patients):>8}  {_number(entry.epsilon_round):>13}  "
-                f"{_number(entry.epsilon_total):>13}  {_number(entry.delta, 2):>8}  {entry.accountant}"
-            )
+            cells = [
+                str(record.server_round),
+                entry.site,
+                entry.status,
+                _number(entry.patients),
+                _number(entry.epsilon_round),
+                _number(entry.epsilon_total),
+                _number(entry.delta, 2),
+                entry.accountant,
+            ]
+            lines.append(_row(cells))
         for rejection in record.rejected:
             lines.append(
-                f"{record.server_round:>5}  {rejection.site:<14} rejected: {rejection.reason}"
+                f"{record.server_round:>5}  {rejection.site}: rejected, {rejection.reason}"
             )
 
     lines.append("")

@@ -53,7 +53,7 @@ def run_federation(
     cpus_per_site: float = 1.0,
     on_result: Callable[[FedTwinResult], None] | None = None,
 ) -> None:
-    """Run the ServerApp with `run_config` and one simulated site per site folder of its consortium."""
+    """Run the ServerApp with `run_config` and one simulated site per site folder."""
     consortium = Path(str(run_config["consortium"])).resolve()
     num_sites = count_sites(consortium)
     if num_sites == 0:

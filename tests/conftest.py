@@ -20,7 +20,9 @@ def shared_data() -> Path:
     """Real data folder; tests that use it skip when it is absent (a fresh clone without data)."""
     folder = shared_data_dir()
     if not folder.is_dir():
-        pytest.skip(f"real data folder {folder} is absent; set FEDTWIN_SHARED_DATA to run this test")
+        pytest.skip(
+            f"real data folder {folder} is absent; set FEDTWIN_SHARED_DATA to run this test"
+        )
     return folder
 
 

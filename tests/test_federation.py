@@ -103,7 +103,9 @@ def test_demo_resume_runs_remaining_rounds(demo: dict[str, Any]) -> None:
     assert [record.server_round for record in result.history] == [3]
     manifest = _manifest(demo["out"] / "runs" / "demo-crs" / "round-3")
     for entry in manifest["sites"]:
-        store = AccountantStore(Path(demo["cohort"].consortium) / entry["site"] / "state", "crs-risk")
+        store = AccountantStore(
+            Path(demo["cohort"].consortium) / entry["site"] / "state", "crs-risk"
+        )
         assert len(store.rounds()) == 3
 
 
@@ -126,14 +128,18 @@ def bad_sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     empty = consortium / "b-empty"
     (empty / "fhir").mkdir(parents=True)
-    (empty / "site.toml").write_text(f'[site]\nname = "b-empty"\nfhir = ["fhir"]\nspec = "{spec}"\n')
+    (empty / "site.toml").write_text(
+        f'[site]\nname = "b-empty"\nfhir = ["fhir"]\nspec = "{spec}"\n'
+    )
 
     other_spec = out / "other-spec.toml"
     other_spec.write_text(Path(cohort.spec).read_text().replace('version = "', 'version = "other-'))
     shutil.copytree(Path(cohort.consortium) / "site-1", consortium / "c-other-spec")
     _set_spec(consortium / "c-other-spec" / "site.toml", other_spec)
     toml = (consortium / "c-other-spec" / "site.toml").read_text()
-    (consortium / "c-other-spec" / "site.toml").write_text(toml.replace('"site-1"', '"c-other-spec"'))
+    (consortium / "c-other-spec" / "site.toml").write_text(
+        toml.replace('"site-1"', '"c-other-spec"')
+    )
 
     run_config = {
         "consortium": str(consortium),
@@ -170,7 +176,9 @@ def no_usable_site(tmp_path_factory: pytest.TempPathFactory) -> FedTwinResult:
     out = tmp_path_factory.mktemp("no-usable")
     for name in ("site-a", "site-b"):
         (out / "consortium" / name / "fhir").mkdir(parents=True)
-        (out / "consortium" / name / "site.toml").write_text(f'[site]\nname = "{name}"\nfhir = ["fhir"]\n')
+        (out / "consortium" / name / "site.toml").write_text(
+            f'[site]\nname = "{name}"\nfhir = ["fhir"]\n'
+        )
     run_config = {
         "consortium": str(out / "consortium"),
         "task": "lab-forecast",

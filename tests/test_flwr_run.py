@@ -1,7 +1,8 @@
-"""`flwr run .` from the repository root: Flower's own CLI starts a local SuperLink and runs the app."""
+"""`flwr run .` from the repository root: Flower's CLI starts a local SuperLink and runs the app."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,14 +20,18 @@ pytestmark = pytest.mark.simulation
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _pids(pattern: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=False)
+    return [int(pid) for pid in found.stdout.split()]
+
+
 def _stop_processes_of(flwr_home: Path) -> None:
-    """Stop the detached SuperLink and simulation processes this test started (their args name flwr_home)."""
-    found = subprocess.run(["pgrep", "-f", str(flwr_home)], capture_output=True, text=True, check=False)
-    for pid in found.stdout.split():
-        try:
-            os.kill(int(pid), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    """Stop the detached SuperLink this test started (its args name flwr_home) and its children."""
+    superlinks = _pids(str(flwr_home))
+    children = [pid for parent in superlinks for pid in _pids(f"--parent-pid {parent}")]
+    for pid in children + superlinks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
 
 
 def test_flwr_run_repository_root(tmp_path: Path) -> None:
@@ -54,7 +59,12 @@ def test_flwr_run_repository_root(tmp_path: Path) -> None:
     try:
         completed = subprocess.run(
             [flwr, "run", ".", "fedtwin-sim", "--run-config", run_config, "--stream"],
-            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
         )
     finally:
         _stop_processes_of(flwr_home)

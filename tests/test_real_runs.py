@@ -1,4 +1,4 @@
-"""The three real-data federations, with few rounds: MIMIC labs, two CAR T cohorts, CARPALL cells."""
+"""The three real-data federations with few rounds: MIMIC labs, two CAR T cohorts, CARPALL cells."""
 
 from __future__ import annotations
 
@@ -43,8 +43,18 @@ def _check_sites(manifest: dict[str, Any], expected: set[str]) -> None:
 
 def test_lab_forecast_mimic_three_sites(shared_data: Path, tmp_path: Path) -> None:
     code = coordinator_main(
-        ["-q", "partition", "--fhir", str(shared_data / "mimic-iv-demo-fhir"),
-         "--sites", "3", "--seed", "0", "--out", str(tmp_path / "sites")]
+        [
+            "-q",
+            "partition",
+            "--fhir",
+            str(shared_data / "mimic-iv-demo-fhir"),
+            "--sites",
+            "3",
+            "--seed",
+            "0",
+            "--out",
+            str(tmp_path / "sites"),
+        ]
     )
     assert code == 0
     result = _run(tmp_path / "sites", "lab-forecast", tmp_path / "runs")
@@ -58,8 +68,16 @@ def test_lab_forecast_mimic_three_sites(shared_data: Path, tmp_path: Path) -> No
 
 def test_crs_risk_car22_bcma(shared_data: Path, tmp_path: Path) -> None:
     code = coordinator_main(
-        ["-q", "consortium", "--site", f"car22={shared_data / 'car22-cart-fhir'}",
-         "--site", f"bcma={shared_data / 'bcma-cart-fhir'}", "--out", str(tmp_path / "sites")]
+        [
+            "-q",
+            "consortium",
+            "--site",
+            f"car22={shared_data / 'car22-cart-fhir'}",
+            "--site",
+            f"bcma={shared_data / 'bcma-cart-fhir'}",
+            "--out",
+            str(tmp_path / "sites"),
+        ]
     )
     assert code == 0
     result = _run(tmp_path / "sites", "crs-risk", tmp_path / "runs")
@@ -74,10 +92,22 @@ def test_crs_risk_car22_bcma(shared_data: Path, tmp_path: Path) -> None:
 def test_cell_state_carpall_three_sites(shared_data: Path, tmp_path: Path) -> None:
     carpall = shared_data / "carpall-cart-scrna"
     code = coordinator_main(
-        ["-q", "partition", "--cells", str(carpall / "gex"),
-         "--sample-sheet", str(carpall / "CARPALL_scRNAseq_CART_metadata.txt"),
-         "--labels", str(carpall / "CARTcell_barcodes.txt"),
-         "--sites", "3", "--seed", "0", "--out", str(tmp_path / "sites")]
+        [
+            "-q",
+            "partition",
+            "--cells",
+            str(carpall / "gex"),
+            "--sample-sheet",
+            str(carpall / "CARPALL_scRNAseq_CART_metadata.txt"),
+            "--labels",
+            str(carpall / "CARTcell_barcodes.txt"),
+            "--sites",
+            "3",
+            "--seed",
+            "0",
+            "--out",
+            str(tmp_path / "sites"),
+        ]
     )
     assert code == 0
     result = _run(tmp_path / "sites", "cell-state", tmp_path / "runs")
