@@ -46,6 +46,8 @@ from models.tasks import TwinTask, get_task
 
 TASK_NAMES = ("lab-forecast", "crs-risk", "cell-state")
 GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
+# Not an Opacus mode: a DP-SGD step written here with torch.func, to show what a fused step costs.
+FUSED_MODE = "fused-vmap"
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "dp_step.json"
 
 # torch warns on every backward pass through Opacus' hooks when the inputs need no gradient.
@@ -154,6 +156,98 @@ def make_dp_step(
     return step_function(module, optimizer, task, batch)
 
 
+def make_fused_step(
+    task: TwinTask,
+    spec: FeatureSpec,
+    batch: tuple[Tensor, ...],
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    learning_rate: float = 0.05,
+    model: nn.Module | None = None,
+) -> Callable[[], tuple[float, float]]:
+    """Return a DP-SGD step that computes all per-sample gradients in one `vmap` call.
+
+    The per-sample gradients of every parameter come from `torch.func.vmap(grad(loss))` over
+    the batch. They are flattened into one (batch, parameters) matrix, so clipping, summing and
+    the Gaussian noise are a few tensor operations instead of a loop over parameters. The
+    update is (sum of clipped gradients + noise) / batch size, as Opacus' DPOptimizer computes it
+    for a mean loss. It has no accountant and no Poisson sampling; it is a cost estimate.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    if model is None:
+        model = seeded_model(task, spec)
+    parameters = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    batch_size = int(batch[0].shape[0])
+
+    def sample_loss(params: dict[str, Tensor], sample: tuple[Tensor, ...]) -> Tensor:
+        def call(*inputs: Tensor) -> Any:
+            return functional_call(model, (params, buffers), inputs)
+
+        # The task loss calls its model argument; a function with the same signature works.
+        return task.loss(call, tuple(x.unsqueeze(0) for x in sample))  # type: ignore[arg-type]
+
+    per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0))
+
+    def step() -> tuple[float, float]:
+        started = time.perf_counter()
+        detached = {name: p.detach() for name, p in parameters.items()}
+        grads = per_sample_grads(detached, batch)
+        flat = torch.cat([grads[name].reshape(batch_size, -1) for name in parameters], dim=1)
+        middle = time.perf_counter()
+
+        # Clip each row to max_grad_norm, sum, add noise, average, step
+        factor = (max_grad_norm / (flat.norm(dim=1) + 1e-6)).clamp(max=1.0)
+        summed = factor @ flat
+        noise = torch.randn_like(summed) * (noise_multiplier * max_grad_norm)
+        update = (summed + noise) / batch_size
+        with torch.no_grad():
+            offset = 0
+            for p in parameters.values():
+                size = p.numel()
+                p.add_(update[offset : offset + size].view_as(p), alpha=-learning_rate)
+                offset += size
+        return middle - started, time.perf_counter() - middle
+
+    return step
+
+
+def make_private_step(
+    task: TwinTask,
+    spec: FeatureSpec,
+    batch: tuple[Tensor, ...],
+    mode: str,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    learning_rate: float = 0.05,
+    model: nn.Module | None = None,
+) -> Callable[[], tuple[float, float]]:
+    """Return the DP step of `mode`: an Opacus grad_sample_mode or the fused prototype."""
+    if mode == FUSED_MODE:
+        return make_fused_step(
+            task,
+            spec,
+            batch,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            learning_rate=learning_rate,
+            model=model,
+        )
+    return make_dp_step(
+        task,
+        spec,
+        batch,
+        mode,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        learning_rate=learning_rate,
+        model=model,
+    )
+
+
 def gradient_gap(task: TwinTask, spec: FeatureSpec, batch: tuple[Tensor, ...], mode: str) -> float:
     """Return how far one noiseless, unclipped DP step lands from the plain step, relatively.
 
@@ -164,15 +258,13 @@ def gradient_gap(task: TwinTask, spec: FeatureSpec, batch: tuple[Tensor, ...], m
     """
     plain_model = seeded_model(task, spec)
     start = [p.detach().clone() for p in plain_model.parameters()]
-    step_function(
-        plain_model, torch.optim.SGD(plain_model.parameters(), lr=1.0), task, batch
-    )()
+    step_function(plain_model, torch.optim.SGD(plain_model.parameters(), lr=1.0), task, batch)()
     plain_update = torch.cat(
         [(p.detach() - s).flatten() for p, s in zip(plain_model.parameters(), start, strict=True)]
     )
 
     dp_model = seeded_model(task, spec)
-    make_dp_step(
+    make_private_step(
         task,
         spec,
         batch,
@@ -267,7 +359,7 @@ def run(args: argparse.Namespace, cohort: Path) -> dict[str, Any]:
                 entry["parameters"] = sum(p.numel() for p in plain_model.parameters())
                 entry["input_shapes"] = [list(t.shape) for t in batch]
                 try:
-                    private = make_dp_step(
+                    private = make_private_step(
                         task,
                         spec,
                         batch,
@@ -331,7 +423,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--batch-sizes", default="8,64", help="comma-separated batch sizes, in patients"
     )
-    parser.add_argument("--modes", default=",".join(GRAD_SAMPLE_MODES), help="grad_sample_mode list")
+    parser.add_argument(
+        "--modes",
+        default=",".join([*GRAD_SAMPLE_MODES, FUSED_MODE]),
+        help=f"Opacus grad_sample_mode values, and {FUSED_MODE} for the torch.func prototype",
+    )
     parser.add_argument("--trials", type=int, default=7, help="timed trials per comparison")
     parser.add_argument("--repeats", type=int, default=20, help="steps per trial and variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
@@ -350,8 +446,10 @@ def main() -> None:
     args = parse_args()
     warnings.filterwarnings("ignore", message=_BACKWARD_HOOK_WARNING)
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
-    print("| task | batch | grad_sample_mode | plain ms | DP ms | DP optimizer.step ms "
-          "| DP / plain median | range | gradient gap |")
+    print(
+        "| task | batch | grad_sample_mode | plain ms | DP ms | DP optimizer.step ms "
+        "| DP / plain median | range | gradient gap |"
+    )
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     if args.cohort is not None:
         document = run(args, args.cohort)

@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    .venv/bin/python bench/bench_round.py [--task crs-risk] [--sites 3] [--num-rounds 4] [--repeat 3]
+    .venv/bin/python bench/bench_round.py [--task crs-risk] [--sites 3] [--num-rounds 6]
 
 The script writes a synthetic demo cohort (`generate_demo_cohort`) into a temporary folder and
 runs three variants, each in a fresh Python process with Flower's simulation engine
@@ -42,21 +42,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(REPO_ROOT))
-if str(BENCH_DIR) not in sys.path:
-    sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 from bench_dp_step import machine_info
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    MetricRecordValues,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+BENCH_DIR = Path(__file__).resolve().parent
 VARIANTS = ("fedtwin", "bare-dp", "bare-sgd")
 DEFAULT_OUT = BENCH_DIR / "out" / "round.json"
-BACKEND_CONFIG = {"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0}}
+BACKEND_CONFIG: dict[str, Any] = {"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0}}
 
 # The training settings of fedtwin's run config defaults, which the bare apps copy.
 LEARNING_RATE = 0.1
@@ -71,7 +77,7 @@ LOCAL_EPOCHS = 1
 
 
 def site_folders(cohort: Path) -> list[Path]:
-    """Return the site folders of a demo cohort, sorted by name as fedtwin's simulation sorts them."""
+    """Return the site folders of a demo cohort, sorted by name as fedtwin's simulation does."""
     consortium = cohort / "consortium"
     return sorted(p for p in consortium.iterdir() if (p / "site.toml").is_file())
 
@@ -175,7 +181,7 @@ def _bare_site(msg: Message, context: Context) -> tuple[Any, Any, Any, Any, dict
     train, test, spec = load_bare_site(str(config["tensor-dir"]), sites[partition])
     task = get_task(str(config["task"]))
     model = task.build_model(spec)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     return task, model, train, test, dict(config)
 
 
@@ -237,7 +243,7 @@ BARE_CLIENT_APP = ClientApp()
 def bare_train(msg: Message, context: Context) -> Message:
     """Train the global model on the site's training tensors, with Opacus or plain SGD."""
     task, model, train, _, config = _bare_site(msg, context)
-    metrics: dict[str, float] = {"num-examples": float(len(train))}
+    metrics: dict[str, MetricRecordValues] = {"num-examples": float(len(train))}
     if config["variant"] == "bare-dp":
         loss, epsilon = _train_opacus(task, model, train)
         metrics["epsilon"] = epsilon
@@ -245,7 +251,9 @@ def bare_train(msg: Message, context: Context) -> Message:
         steps = LOCAL_EPOCHS * max(1, round(1 / SAMPLE_RATE))
         loss = _train_plain(task, model, train, steps)
     metrics["train-loss"] = loss
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -256,7 +264,9 @@ def bare_evaluate(msg: Message, context: Context) -> Message:
     model.eval()
     with torch.no_grad():
         scores = task.evaluate(model, test)
-    metrics = {k: float(v) for k, v in scores.items() if isinstance(v, int | float)}
+    metrics: dict[str, MetricRecordValues] = {
+        k: float(v) for k, v in scores.items() if isinstance(v, int | float)
+    }
     metrics["num-examples"] = float(len(test))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -306,7 +316,7 @@ class RoundClock:
         self.sent: list[tuple[int, Message]] = []
         self.received: list[tuple[int, Message]] = []
 
-    def instrument(self, strategy_class: type) -> None:
+    def instrument(self, strategy_class: type[Any]) -> None:
         """Wrap `configure_train`, `configure_evaluate`, `aggregate_train` and `start`."""
         clock = self
         configure_train = strategy_class.configure_train
@@ -328,9 +338,7 @@ class RoundClock:
             clock.marks.append(("evaluate", server_round, time.perf_counter()))
             return configure_evaluate(self, server_round, *args, **kwargs)
 
-        def kept_aggregate_train(
-            self: Any, server_round: int, replies: Iterable[Message]
-        ) -> Any:
+        def kept_aggregate_train(self: Any, server_round: int, replies: Iterable[Message]) -> Any:
             replies = list(replies)
             clock.received.extend((server_round, m) for m in replies)
             return aggregate_train(self, server_round, replies)
@@ -465,9 +473,7 @@ def run_variant(variant: str, cohort: Path, task_name: str, num_rounds: int) -> 
         )
     wall = time.perf_counter() - started
 
-    replies = [
-        {"round": r, **message_sizes(m)} for r, m in clock.received if m.has_content()
-    ]
+    replies = [{"round": r, **message_sizes(m)} for r, m in clock.received if m.has_content()]
     sent = [{"round": r, **message_sizes(m)} for r, m in clock.sent]
     if variant != "fedtwin":
         statuses = ["ok" if not m.has_error() else "error" for _, m in clock.received]
@@ -601,10 +607,18 @@ def run_worker_process(
 # The driver
 
 
-def steady_round_seconds(result: dict[str, Any]) -> float:
-    """Return the mean time of rounds 2 and later (round 1 also reads the site data)."""
-    later = [r["seconds"] for r in result["rounds"] if r["round"] >= 2]
-    return statistics.fmean(later) if later else result["rounds"][0]["seconds"]
+# Rounds 1 and 2 are not steady: round 1 starts the Ray actors and loads every site's data, and
+# in round 2 an actor can meet a site it has not served yet and load that site's data too.
+WARM_ROUNDS = 2
+
+
+def steady_round_seconds(result: dict[str, Any], key: str = "seconds") -> float:
+    """Return the median time of the rounds after the first `WARM_ROUNDS`."""
+    later = [r[key] for r in result["rounds"] if r["round"] > WARM_ROUNDS]
+    if not later:
+        msg = f"run has {len(result['rounds'])} rounds; use more than {WARM_ROUNDS}."
+        raise ValueError(msg)
+    return statistics.median(later)
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -616,16 +630,15 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for variant, items in by_variant.items():
         steady = [steady_round_seconds(r) for r in items]
-        first = [r["rounds"][0]["seconds"] for r in items]
-        train = [
-            statistics.fmean(x["train_seconds"] for x in r["rounds"] if x["round"] >= 2)
-            for r in items
-        ]
+        train = [steady_round_seconds(r, "train_seconds") for r in items]
+        evaluate = [steady_round_seconds(r, "evaluate_seconds") for r in items]
         summary[variant] = {
             "steady_round_s_median": statistics.median(steady),
             "steady_round_s_range": [min(steady), max(steady)],
             "steady_train_step_s_median": statistics.median(train),
-            "first_round_s_median": statistics.median(first),
+            "steady_evaluate_step_s_median": statistics.median(evaluate),
+            "first_round_s_median": statistics.median(r["rounds"][0]["seconds"] for r in items),
+            "second_round_s_median": statistics.median(r["rounds"][1]["seconds"] for r in items),
             "wall_s_median": statistics.median(r["wall_seconds"] for r in items),
             "peak_pss_mib_median": statistics.median(r["peak_pss_mib"] for r in items),
             "peak_rss_mib_median": statistics.median(r["peak_rss_mib"] for r in items),
@@ -638,7 +651,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for repeat in repeats:
             pair = {r["variant"]: r for r in runs if r["repeat"] == repeat}
             if "fedtwin" in pair and base in pair:
-                values.append(steady_round_seconds(pair["fedtwin"]) / steady_round_seconds(pair[base]))
+                values.append(
+                    steady_round_seconds(pair["fedtwin"]) / steady_round_seconds(pair[base])
+                )
         if values:
             ratios[f"fedtwin/{base}"] = {
                 "median": statistics.median(values),
@@ -651,7 +666,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def bytes_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Return, per variant, the reply and train-message sizes per site and round over parameter bytes."""
+    """Return per variant the sizes of replies and train messages against their parameter bytes."""
     out: dict[str, Any] = {}
     for run in runs:
         if run["variant"] in out:
@@ -666,9 +681,15 @@ def bytes_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "parameter_bytes": first["parameter_bytes"],
                 "arrays": first["arrays"],
                 "proto_message_bytes": statistics.median(m["proto_message"] for m in items),
-                "proto_array_record_bytes": statistics.median(m["proto_array_records"] for m in items),
-                "proto_metric_record_bytes": statistics.median(m["proto_metric_records"] for m in items),
-                "proto_config_record_bytes": statistics.median(m["proto_config_records"] for m in items),
+                "proto_array_record_bytes": statistics.median(
+                    m["proto_array_records"] for m in items
+                ),
+                "proto_metric_record_bytes": statistics.median(
+                    m["proto_metric_records"] for m in items
+                ),
+                "proto_config_record_bytes": statistics.median(
+                    m["proto_config_records"] for m in items
+                ),
                 "object_tree_bytes": statistics.median(m["object_tree_bytes"] for m in items),
                 "proto_over_parameters": statistics.median(
                     m["proto_message"] / m["parameter_bytes"] for m in items
@@ -684,21 +705,25 @@ def bytes_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def print_summary(summary: dict[str, Any], task_name: str) -> None:
     """Print the round-time and message-size tables in Markdown."""
     print(f"\nround time, task {task_name}: median over repeats (range)")
-    print("| variant | round 1 s | rounds 2+ s | train step s | peak PSS MiB |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| variant | round 1 s | round 2 s | rounds 3+ s | train step s | evaluate step s "
+        "| peak PSS MiB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for variant in VARIANTS:
         if variant not in summary:
             continue
         s = summary[variant]
         low, high = s["steady_round_s_range"]
         print(
-            f"| {variant} | {s['first_round_s_median']:.2f} | {s['steady_round_s_median']:.2f} "
-            f"({low:.2f}-{high:.2f}) | {s['steady_train_step_s_median']:.2f} "
+            f"| {variant} | {s['first_round_s_median']:.2f} | {s['second_round_s_median']:.2f} "
+            f"| {s['steady_round_s_median']:.2f} ({low:.2f}-{high:.2f}) "
+            f"| {s['steady_train_step_s_median']:.2f} | {s['steady_evaluate_step_s_median']:.2f} "
             f"| {s['peak_pss_mib_median']:.0f} |"
         )
     for name, ratio in summary["ratios"].items():
         low, high = ratio["range"]
-        print(f"{name} (rounds 2+): {ratio['median']:.2f} ({low:.2f}-{high:.2f})")
+        print(f"{name} (rounds 3+): {ratio['median']:.2f} ({low:.2f}-{high:.2f})")
 
     print("\nbytes per site and round (median)")
     print("| variant | message | parameter B | protobuf B | x | object tree B | x |")
@@ -718,7 +743,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--task", default="crs-risk", help="twin task (default: crs-risk)")
     parser.add_argument("--sites", type=int, default=3, help="sites in the generated cohort")
     parser.add_argument("--patients-per-site", type=int, default=24, help="patients per site")
-    parser.add_argument("--num-rounds", type=int, default=4, help="server rounds per run")
+    parser.add_argument(
+        "--num-rounds", type=int, default=6, help="server rounds per run (more than 2)"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs of each variant")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")

@@ -7,7 +7,8 @@ baseline. Run from the repository root:
 
     .venv/bin/python bench/results.py --out docs/results.md [--rounds N] [--quick]
 
-The real data are read from --data (default: $FEDTWIN_SHARED_DATA, else /work/shared/data).
+The real data are read from --data (default: $FEDTWIN_SHARED_DATA, else ../shared/data
+beside the repository).
 Site folders, accountant states and checkpoints go to a temporary folder, or to --work.
 """
 
@@ -33,7 +34,8 @@ from results_run import TaskResult, run_task
 
 from models.spec import load_spec
 
-DEFAULT_DATA = Path("/work/shared/data")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_ROUNDS = 5
 QUICK_ROUNDS = 2
 PLAIN_EPOCHS = (10, 30, 60)
@@ -65,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         default=Path(os.environ.get("FEDTWIN_SHARED_DATA", DEFAULT_DATA)),
-        help="folder of the real cohorts (default: $FEDTWIN_SHARED_DATA or /work/shared/data)",
+        help="folder of the real cohorts (default: $FEDTWIN_SHARED_DATA, else ../shared/data "
+        "beside the repository)",
     )
     parser.add_argument(
         "--tasks",

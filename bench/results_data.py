@@ -35,7 +35,7 @@ HOLDOUT_FRACTION = 0.25
 
 @dataclass(frozen=True)
 class CohortSource:
-    """How one task's consortium is built from the real data."""
+    """Source data and command of one task's consortium."""
 
     task: str
     description: str
@@ -101,7 +101,10 @@ def build_consortium(task: str, data: Path, out: Path) -> Path:
     if task == "lab-forecast":
         partition_dataset(fhir=[data / MIMIC], cells=[], num_sites=3, out=out, seed=0)
     elif task == "crs-risk":
-        sites = {"car22": ([data / CAR22], []), "bcma": ([data / BCMA], [])}
+        sites: dict[str, tuple[list[Path], list[Path]]] = {
+            "car22": ([data / CAR22], []),
+            "bcma": ([data / BCMA], []),
+        }
         write_consortium(sites, out)
     elif task == "cell-state":
         carpall = data / CARPALL

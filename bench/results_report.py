@@ -50,7 +50,7 @@ METRIC_NOTES = {
 
 @dataclass(frozen=True)
 class Setup:
-    """How and where the benchmark ran."""
+    """Command, date, data folder and duration of one benchmark run."""
 
     command: str
     date_utc: str
@@ -85,9 +85,7 @@ def _machine() -> str:
     versions = ", ".join(
         f"{package} {metadata.version(package)}" for package in ("torch", "flwr", "opacus")
     )
-    return (
-        f"{cores} cores ({cpu}){memory}, no GPU; Python {platform.python_version()}, {versions}"
-    )
+    return f"{cores} cores ({cpu}){memory}, no GPU; Python {platform.python_version()}, {versions}"
 
 
 def _row(label: str, metrics: Metrics, columns: tuple[str, ...]) -> str:
@@ -187,11 +185,11 @@ def _lab_code_lines(result: TaskResult) -> list[str]:
 
 def _withheld(result: TaskResult) -> list[str]:
     final = result.manifests[-1] if result.manifests else {}
-    return [
+    return sorted(
         str(entry.get("site"))
         for entry in final.get("evaluate-sites", [])
         if entry.get("status") != "ok"
-    ]
+    )
 
 
 def _task_section(result: TaskResult, plot: Path, doc: Path) -> list[str]:
@@ -226,7 +224,13 @@ def _task_section(result: TaskResult, plot: Path, doc: Path) -> list[str]:
             "withholds its metrics from the coordinator; this benchmark has all data locally and "
             "computes them anyway, as a researcher benchmarking would.",
         ]
-    if withheld:
+    if withheld and len(withheld) == len(result.sites):
+        lines += [
+            "",
+            "In the federated run's last round no site sent evaluation metrics (each is below "
+            "its min cohort), so the coordinator itself saw no evaluation at all.",
+        ]
+    elif withheld:
         lines += [
             "",
             f"In the federated run's last round, {', '.join(withheld)} sent no evaluation "
@@ -265,7 +269,7 @@ def _privacy_section(results: list[TaskResult]) -> list[str]:
     for result in results:
         final = result.manifests[-1]
         steps = steps_per_round(result.run_config) * result.run_config.num_server_rounds
-        for entry in final["sites"]:
+        for entry in sorted(final["sites"], key=lambda e: str(e["site"])):
             alone = result.alone.get(entry["site"])
             lines.append(
                 f"| {result.task} | {entry['site']} | {entry.get('patients')} | "

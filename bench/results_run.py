@@ -1,4 +1,4 @@
-"""One task of the results benchmark: federated DP run, references, baselines, for bench/results.py."""
+"""One task of the results benchmark: the federated DP run, references and baselines."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def run_task(
     final_model = rounds[-1][0]
     federated = score_everywhere(task, final_model, sites, pooled_test)
 
-    # Centralised reference without DP, its epochs and learning rate chosen without the held-out
+    # Centralised reference without DP, set up without looking at the held-out patients
     plain = select_plain_settings(task, spec, run_config, pooled_train, grid)
     centralised_model = train_centralised(task, spec, run_config, pooled_train, plain)
     centralised = score_everywhere(task, centralised_model, sites, pooled_test)

@@ -14,6 +14,7 @@ from client.site_task import RoundSettings, SiteOutcome, SiteTask
 from models.spec import SpecError
 from models.wire import ARRAYS, CONFIG, METRICS, REPLY, Config, Reply, Status
 from privacy.accountant import SECURE_RNG
+from privacy.ledger import canonical_json
 
 __all__ = ["app"]
 
@@ -63,17 +64,20 @@ def _reply(msg: Message, outcome: SiteOutcome, site: str, spec_sha256: str) -> M
     if outcome.state_dict is not None:
         content[ARRAYS] = ArrayRecord(outcome.state_dict)
     content[METRICS] = MetricRecord(dict(outcome.metrics))
-    content[REPLY] = ConfigRecord(
-        {
-            Reply.STATUS: outcome.status,
-            Reply.SITE: site,
-            Reply.MESSAGE: outcome.message,
-            Reply.SPEC_SHA256: spec_sha256,
-            Reply.ACCOUNTANT: outcome.accountant,
-            Reply.SECURE_RNG: SECURE_RNG,
-            Reply.PRIVACY_UNIT: "patient",
-        }
-    )
+    reply: dict[str, Any] = {
+        Reply.STATUS: outcome.status,
+        Reply.SITE: site,
+        Reply.MESSAGE: outcome.message,
+        Reply.SPEC_SHA256: spec_sha256,
+        Reply.ACCOUNTANT: outcome.accountant,
+        Reply.SECURE_RNG: SECURE_RNG,
+        Reply.PRIVACY_UNIT: "patient",
+    }
+    if outcome.ledger_entry is not None:
+        # The signed entry goes as canonical JSON text, so the coordinator stores exactly the
+        # content whose Ed25519 signature the steward verifies.
+        reply[Reply.LEDGER_ENTRY] = canonical_json(outcome.ledger_entry).decode("ascii")
+    content[REPLY] = ConfigRecord(reply)
     return Message(content=content, reply_to=msg)
 
 

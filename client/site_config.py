@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from privacy.policy import PolicyError, SitePolicy, load_policy, parse_policy
+
 __all__ = ["CellsConfig", "PrivacyConfig", "SiteConfig", "SiteConfigError", "load_site_config"]
 
 
@@ -30,15 +32,9 @@ class CellsConfig:
     patient: str = ""  # one patient for every file, when neither obs nor a sample sheet says
 
 
-@dataclass(frozen=True)
-class PrivacyConfig:
-    """The site's privacy policy for training rounds."""
-
-    epsilon_cap: float = 10.0
-    delta: float = 0.0  # 0 means 1 / (10 x patients at the site)
-    min_noise_multiplier: float = 0.3
-    min_cohort: int = 5
-    privacy_unit: str = "patient"
+# The site's privacy policy has one parser, in privacy/policy.py, for both a policy file and the
+# inline [privacy] table; the old name stays for callers that import it from here.
+PrivacyConfig = SitePolicy
 
 
 @dataclass(frozen=True)
@@ -53,10 +49,11 @@ class SiteConfig:
     state_dir: Path
     timezone: str
     cells_config: CellsConfig = field(default_factory=CellsConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    privacy: SitePolicy = field(default_factory=SitePolicy)
+    policy_file: Path | None = None
 
 
-_SITE_KEYS = {"name", "fhir", "cells", "spec", "state-dir", "timezone"}
+_SITE_KEYS = {"name", "fhir", "cells", "spec", "state-dir", "timezone", "policy"}
 _CELLS_KEYS = {
     "patient-column",
     "sample-column",
@@ -69,7 +66,6 @@ _CELLS_KEYS = {
     "labels-label-column",
     "patient",
 }
-_PRIVACY_KEYS = {"epsilon-cap", "delta", "min-noise-multiplier", "min-cohort", "privacy-unit"}
 
 
 def _check_keys(table: dict[str, Any], allowed: set[str], where: str, path: Path) -> None:
@@ -107,7 +103,6 @@ def load_site_config(path: str | Path) -> SiteConfig:
     privacy = content.get("privacy", {})
     _check_keys(site, _SITE_KEYS, "site", file)
     _check_keys(cells, _CELLS_KEYS, "cells", file)
-    _check_keys(privacy, _PRIVACY_KEYS, "privacy", file)
     base = file.parent.resolve()
 
     def optional_path(value: str) -> Path | None:
@@ -125,25 +120,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
         labels_label_column=cells.get("labels-label-column", "CellType1"),
         patient=cells.get("patient", ""),
     )
-    policy = PrivacyConfig(
-        epsilon_cap=float(privacy.get("epsilon-cap", 10.0)),
-        delta=float(privacy.get("delta", 0.0)),
-        min_noise_multiplier=float(privacy.get("min-noise-multiplier", 0.3)),
-        min_cohort=int(privacy.get("min-cohort", 5)),
-        privacy_unit=str(privacy.get("privacy-unit", "patient")),
-    )
-    if policy.epsilon_cap <= 0:
-        msg = f"{file}: [privacy] epsilon-cap must be positive, got {policy.epsilon_cap}."
-        raise SiteConfigError(msg)
-    if not 0 <= policy.delta < 1:
-        msg = f"{file}: [privacy] delta must be in [0, 1), got {policy.delta}."
-        raise SiteConfigError(msg)
-    if policy.privacy_unit != "patient":
-        msg = (
-            f"{file}: [privacy] privacy-unit {policy.privacy_unit!r} is not supported; "
-            "fedtwin trains with the patient as the privacy unit."
-        )
-        raise SiteConfigError(msg)
+    policy_file = optional_path(site.get("policy", ""))
+    policy = _load_policy(file, policy_file, privacy)
 
     return SiteConfig(
         path=file.resolve(),
@@ -155,4 +133,21 @@ def load_site_config(path: str | Path) -> SiteConfig:
         timezone=str(site.get("timezone", "UTC")),
         cells_config=cells_config,
         privacy=policy,
+        policy_file=policy_file,
     )
+
+
+def _load_policy(file: Path, policy_file: Path | None, privacy: dict[str, Any]) -> SitePolicy:
+    """Read the site's policy from `[site] policy` or the inline `[privacy]` table, not both."""
+    try:
+        if policy_file is None:
+            return parse_policy(privacy, f"{file} [privacy]")
+        if privacy:
+            msg = (
+                f"{file}: both [site] policy = {policy_file} and a [privacy] table are set; "
+                "keep one, since the policy must have a single source."
+            )
+            raise SiteConfigError(msg)
+        return load_policy(policy_file)
+    except PolicyError as err:
+        raise SiteConfigError(str(err)) from err

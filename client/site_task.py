@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -16,8 +17,10 @@ from models.examples import TaskExamples
 from models.spec import FeatureSpec, load_spec
 from models.tasks import get_task, split_patients
 from models.wire import Metric, Status
-from privacy.accountant import SECURE_RNG, AccountantStore
-from privacy.budget import check_round, default_delta, noise_for_target
+from privacy.accountant import SECURE_RNG, AccountantStore, epsilon_of_history, site_histories
+from privacy.budget import BudgetDecision, check_policy, noise_for_target, policy_delta
+from privacy.ledger import LedgerRecord, SiteLedger
+from privacy.policy import round_patients
 
 __all__ = ["RoundSettings", "SiteOutcome", "SiteTask"]
 
@@ -49,6 +52,7 @@ class SiteOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     state_dict: dict[str, torch.Tensor] | None = None
     accountant: str = ""
+    ledger_entry: dict[str, Any] | None = None
 
 
 class SiteTask:
@@ -101,9 +105,13 @@ class SiteTask:
             )
 
         policy = self.config.privacy
-        delta = policy.delta or default_delta(len(train_idx))
+        delta = policy_delta(policy, len(train_idx))
         steps = settings.local_epochs * max(1, round(1 / settings.sample_rate))
         store = AccountantStore(self.config.state_dir, self.task.name)
+        ledger = SiteLedger(self.config.state_dir)
+        # A damaged ledger stops the round before training, so no ε is spent without an entry.
+        ledger.prepare()
+        model = self._model(state_dict)
 
         # Noise: fixed by the run config, or chosen to reach a target epsilon for this round.
         noise = settings.noise_multiplier
@@ -116,28 +124,19 @@ class SiteTask:
                 accountant=store.accountant,
             )
 
-        # Budget check before any data is touched by training.
-        decision = check_round(
+        # Policy and budget check before any data is touched by training.
+        decision = check_policy(
+            policy=policy,
             store=store,
-            delta=delta,
-            epsilon_cap=policy.epsilon_cap,
+            model=type(model).__name__,
+            n_patients=len(train_idx),
             noise_multiplier=noise,
-            min_noise_multiplier=policy.min_noise_multiplier,
             sample_rate=settings.sample_rate,
             steps=steps,
         )
         if not decision.allowed:
-            logger.warning(
-                "Site %s refused round %d: %s", self.site, settings.server_round, decision.reason
-            )
-            return SiteOutcome(
-                Status.REFUSED_BUDGET,
-                decision.reason,
-                metrics={Metric.EPSILON_TOTAL: store.epsilon(delta), Metric.DELTA: delta},
-                accountant=store.accountant,
-            )
+            return self._refuse(ledger, store, model, settings, decision, noise, steps, train_idx)
 
-        model = self._model(state_dict)
         result = train_dp(
             model,
             examples.subset(train_idx).dataset(),
@@ -154,6 +153,21 @@ class SiteTask:
             run_name=settings.run_name,
             server_round=settings.server_round,
         )
+        entry = ledger.append(
+            self._ledger_record(
+                kind="round",
+                model=model,
+                settings=settings,
+                patients=len(train_idx),
+                sample_rate=result.sample_rate,
+                steps=result.steps,
+                noise_multiplier=result.noise_multiplier,
+                accountant=result.accountant,
+                delta=result.delta,
+                epsilon_round=result.epsilon_round,
+                epsilon_total=result.epsilon_total,
+            )
+        )
         metrics = {
             Metric.NUM_EXAMPLES: float(result.num_examples),
             Metric.EPSILON_ROUND: result.epsilon_round,
@@ -169,7 +183,104 @@ class SiteTask:
         # cohort of at least the policy's minimum size, like every other metric.
         if result.num_examples >= policy.min_cohort and math.isfinite(result.loss):
             metrics[Metric.TRAIN_LOSS] = result.loss
-        return SiteOutcome(Status.OK, "", metrics, model.state_dict(), result.accountant)
+        return SiteOutcome(
+            Status.OK, "", metrics, model.state_dict(), result.accountant, ledger_entry=entry
+        )
+
+    def _refuse(
+        self,
+        ledger: SiteLedger,
+        store: AccountantStore,
+        model: torch.nn.Module,
+        settings: RoundSettings,
+        decision: BudgetDecision,
+        noise: float,
+        steps: int,
+        train_idx: list[int],
+    ) -> SiteOutcome:
+        """Record a rejected round in the ledger and build the reply that says why."""
+        logger.warning(
+            "Site %s refused round %d: %s", self.site, settings.server_round, decision.reason
+        )
+        projected: float | None = None
+        if decision.rule == "epsilon-cap":
+            projected = decision.projected_epsilon
+        elif decision.rule == "epsilon-cap-total":
+            projected = decision.projected_epsilon_all_tasks
+        entry = ledger.append(
+            self._ledger_record(
+                kind="refusal",
+                model=model,
+                settings=settings,
+                patients=len(train_idx),
+                sample_rate=settings.sample_rate,
+                steps=steps,
+                noise_multiplier=noise,
+                accountant=store.accountant,
+                delta=decision.delta,
+                epsilon_round=0.0,
+                epsilon_total=decision.epsilon_before,
+                epsilon_projected=projected,
+                reason=decision.reason,
+                rule=decision.rule,
+            )
+        )
+        budget_rules = ("epsilon-cap", "epsilon-cap-total")
+        return SiteOutcome(
+            Status.REFUSED_BUDGET if decision.rule in budget_rules else Status.REFUSED_POLICY,
+            decision.reason,
+            metrics={Metric.EPSILON_TOTAL: decision.epsilon_before, Metric.DELTA: decision.delta},
+            accountant=store.accountant,
+            ledger_entry=entry,
+        )
+
+    def _ledger_record(
+        self,
+        *,
+        kind: str,
+        model: torch.nn.Module,
+        settings: RoundSettings,
+        patients: int,
+        sample_rate: float,
+        steps: int,
+        noise_multiplier: float,
+        accountant: str,
+        delta: float,
+        epsilon_round: float,
+        epsilon_total: float,
+        epsilon_projected: float | None = None,
+        reason: str = "",
+        rule: str = "",
+    ) -> LedgerRecord:
+        policy = self.config.privacy
+        histories = site_histories(self.config.state_dir)
+        combined = [entry for task in sorted(histories) for entry in histories[task]]
+        return LedgerRecord(
+            kind=kind,
+            site=self.site,
+            run_id=settings.run_name,
+            round=settings.server_round,
+            task=self.task.name,
+            model_version=model_version(model),
+            feature_spec_sha256=self.spec.sha256,
+            privacy_unit=policy.privacy_unit,
+            patients=round_patients(patients, policy.patients_rounding),
+            patients_rounding=policy.patients_rounding,
+            sample_rate=sample_rate,
+            steps=steps,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=settings.max_grad_norm,
+            accountant=accountant,
+            delta=delta,
+            epsilon_round=epsilon_round,
+            epsilon_total=epsilon_total,
+            epsilon_all_tasks=epsilon_of_history(accountant, combined, delta),
+            epsilon_projected=epsilon_projected,
+            secure_rng=SECURE_RNG,
+            reason=reason,
+            rule=rule,
+            policy=policy.to_json(),
+        )
 
     def evaluate(self, state_dict: dict[str, torch.Tensor], seed: int) -> SiteOutcome:
         """Evaluate the global model on this site's held-out patients."""
@@ -191,6 +302,15 @@ class SiteTask:
             if isinstance(value, int | float) and math.isfinite(float(value)):
                 metrics[name] = float(value)
         return SiteOutcome(Status.OK, "", metrics)
+
+
+def model_version(model: torch.nn.Module) -> str:
+    """Return the model class and a hash of its parameter names and shapes, such as `X@1a2b…`."""
+    layout = ";".join(
+        f"{name}:{'x'.join(str(size) for size in tensor.shape)}"
+        for name, tensor in sorted(model.state_dict().items())
+    )
+    return f"{type(model).__name__}@{hashlib.sha256(layout.encode()).hexdigest()[:12]}"
 
 
 def privacy_facts(outcome: SiteOutcome) -> dict[str, Any]:

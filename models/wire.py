@@ -66,6 +66,9 @@ class Reply:
     ACCOUNTANT = "accountant"
     SECURE_RNG = "secure-rng"
     PRIVACY_UNIT = "privacy-unit"
+    # The site's signed privacy-ledger entry for the round, as canonical JSON text; the steward
+    # verifies its Ed25519 signature with the site's site-key.pub.
+    LEDGER_ENTRY = "ledger-entry"
 
 
 class Status:
@@ -73,6 +76,7 @@ class Status:
 
     OK = "ok"
     REFUSED_BUDGET = "refused-budget"  # the round would pass the site's epsilon cap
+    REFUSED_POLICY = "refused-policy"  # the site's policy forbids the task, model, delta or noise
     NO_DATA = "no-data"  # no usable patients for this task
     SPEC_MISMATCH = "spec-mismatch"
     BELOW_MIN_COHORT = "below-min-cohort"  # metrics withheld: too few patients

@@ -33,6 +33,8 @@ __all__ = [
     "AccountantStore",
     "RoundPrivacy",
     "accountant_label",
+    "epsilon_of_history",
+    "site_histories",
     "state_file",
     "validate_delta",
     "validate_mechanism",
@@ -148,6 +150,34 @@ def _validate_accountant(accountant: str) -> None:
 def _epsilon_of(accountant: str, history: list[tuple[float, float, int]], delta: float) -> float:
     """Compute ε at `delta` of a (noise_multiplier, sample_rate, steps) history with Opacus."""
     return _cached_epsilon(accountant, tuple(history), delta)
+
+
+def epsilon_of_history(
+    accountant: str, history: list[tuple[float, float, int]], delta: float
+) -> float:
+    """Compute ε at `delta` of a (noise_multiplier, sample_rate, steps) history with Opacus.
+
+    Both Opacus accountants compose every entry of the list, so the history of several tasks
+    trained on the same patients, concatenated, gives their ε together.
+    """
+    _validate_accountant(accountant)
+    validate_delta(delta)
+    return _epsilon_of(accountant, history, delta)
+
+
+def site_histories(state_dir: Path) -> dict[str, list[tuple[float, float, int]]]:
+    """Read the DP-SGD history of every task in a site's state folder, keyed by task.
+
+    Raises
+    ------
+    AccountantStateError
+        When any accountant file is invalid, because the site's total ε cannot be known then.
+    """
+    histories: dict[str, list[tuple[float, float, int]]] = {}
+    for path in sorted(Path(state_dir).glob("accountant-*.json")):
+        task = path.stem.removeprefix("accountant-")
+        histories[task] = AccountantStore(state_dir, task).history
+    return histories
 
 
 # One RDP evaluation took about 0.2 s per history entry on a 2-core x86 VM, and one round computes

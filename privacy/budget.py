@@ -12,12 +12,22 @@ from privacy.accountant import (
     PRIVACY_UNIT,
     AccountantStore,
     accountant_label,
+    epsilon_of_history,
+    site_histories,
     validate_delta,
     validate_mechanism,
     validate_sampling,
 )
+from privacy.policy import SitePolicy
 
-__all__ = ["BudgetDecision", "check_round", "default_delta", "noise_for_target"]
+__all__ = [
+    "BudgetDecision",
+    "check_policy",
+    "check_round",
+    "default_delta",
+    "noise_for_target",
+    "policy_delta",
+]
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,13 @@ class BudgetDecision:
         `rdp` or `prv`.
     reason
         One line for logs, replies and the ledger.
+    epsilon_all_tasks_before
+        Cumulative ε over every task of the site at `delta`, when the policy caps it.
+    projected_epsilon_all_tasks
+        The same after the round, when it was projected.
+    rule
+        The policy rule that rejected the round: `task`, `model`, `delta`, `noise`, `epsilon-cap`
+        or `epsilon-cap-total`; empty when the round is allowed.
     """
 
     allowed: bool
@@ -51,6 +68,9 @@ class BudgetDecision:
     delta: float
     accountant: str
     reason: str
+    epsilon_all_tasks_before: float | None = None
+    projected_epsilon_all_tasks: float | None = None
+    rule: str = ""
 
 
 def default_delta(n_patients: int) -> float:
@@ -111,7 +131,7 @@ def check_round(
     before = store.epsilon(delta)
     terms = f"{accountant_label(store.accountant)}, δ={delta:g}, unit: {PRIVACY_UNIT}"
 
-    def decision(allowed: bool, projected: float, reason: str) -> BudgetDecision:
+    def decision(allowed: bool, projected: float, reason: str, rule: str = "") -> BudgetDecision:
         return BudgetDecision(
             allowed=allowed,
             epsilon_before=before,
@@ -120,6 +140,7 @@ def check_round(
             delta=delta,
             accountant=store.accountant,
             reason=reason,
+            rule=rule,
         )
 
     # Reject noise below the policy minimum before projecting, because a tiny noise_multiplier can
@@ -129,7 +150,7 @@ def check_round(
             f"noise_multiplier {noise_multiplier:g} is below the site's minimum "
             f"{min_noise_multiplier:g}; ε stays at {before:.2f} ({terms})"
         )
-        return decision(False, before, reason)
+        return decision(False, before, reason, "noise")
 
     projected = store.projected_epsilon(
         delta, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps
@@ -139,7 +160,7 @@ def check_round(
             f"round would raise ε from {before:.2f} to {projected:.2f} ({terms}) "
             f"above the cap {epsilon_cap:g}"
         )
-        return decision(False, projected, reason)
+        return decision(False, projected, reason, "epsilon-cap")
 
     reason = (
         f"round raises ε from {before:.2f} to {projected:.2f} ({terms}), "
@@ -193,3 +214,124 @@ def noise_for_target(
             "fewer steps."
         )
         raise ValueError(msg) from err
+
+
+def policy_delta(policy: SitePolicy, n_patients: int) -> float:
+    """Return the policy's δ, or `default_delta(n_patients)` when the policy leaves it unset."""
+    return policy.delta or default_delta(n_patients)
+
+
+def _refusal(
+    rule: str, reason: str, store: AccountantStore, policy: SitePolicy, delta: float
+) -> BudgetDecision:
+    before = store.epsilon(delta)
+    return BudgetDecision(
+        allowed=False,
+        epsilon_before=before,
+        projected_epsilon=before,
+        epsilon_cap=policy.epsilon_cap,
+        delta=delta,
+        accountant=store.accountant,
+        reason=reason,
+        rule=rule,
+    )
+
+
+def check_policy(
+    *,
+    policy: SitePolicy,
+    store: AccountantStore,
+    model: str,
+    n_patients: int,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+) -> BudgetDecision:
+    """Decide whether a site's policy lets it train one more round of `store.task`.
+
+    The checks run in this order, and the first that fails rejects the round: the task and the
+    model class are allowed, δ is below 1 / `n_patients`, noise_multiplier meets the minimum, the
+    task's cumulative ε stays within `epsilon_cap`, and the cumulative ε over every task in the
+    store's state folder stays within `epsilon_cap_total`. Every ε comes from the Opacus
+    accountant of the store at δ; nothing is written.
+
+    Parameters
+    ----------
+    policy
+        The site's policy.
+    store
+        The task's accountant state; its folder holds the other tasks' states too.
+    model
+        Class name of the network the round trains, such as `CrsRiskNet`.
+    n_patients
+        Patients the round trains on; they set the default δ and its upper bound.
+    noise_multiplier, sample_rate, steps
+        The DP-SGD settings of the round.
+    """
+    delta = policy_delta(policy, n_patients)
+    terms = f"unit: {policy.privacy_unit}"
+
+    if not policy.allows_task(store.task):
+        reason = (
+            f"task {store.task} is not in the policy's allowed-tasks "
+            f"({', '.join(policy.allowed_tasks)}) in {policy.source}"
+        )
+        return _refusal("task", reason, store, policy, delta)
+    if not policy.allows_model(model):
+        reason = (
+            f"model {model} is not in the policy's allowed-models "
+            f"({', '.join(policy.allowed_models)}) in {policy.source}"
+        )
+        return _refusal("model", reason, store, policy, delta)
+    if delta * n_patients >= 1:
+        reason = (
+            f"δ={delta:g} is not below 1 / {n_patients} patients, so it would allow publishing a "
+            f"whole patient record; lower delta in {policy.source}"
+        )
+        return _refusal("delta", reason, store, policy, delta)
+
+    decision = check_round(
+        store=store,
+        delta=delta,
+        epsilon_cap=policy.epsilon_cap,
+        noise_multiplier=noise_multiplier,
+        min_noise_multiplier=policy.min_noise_multiplier,
+        sample_rate=sample_rate,
+        steps=steps,
+    )
+    if not decision.allowed or policy.epsilon_cap_total is None:
+        return decision
+
+    # ε over all tasks: the Opacus accountant composes the histories of every task at the site
+    # with this round's, since all tasks train on the same patients.
+    histories = site_histories(store.path.parent)
+    histories[store.task] = store.history
+    combined = [entry for task in sorted(histories) for entry in histories[task]]
+    before_all = epsilon_of_history(store.accountant, combined, delta)
+    projected_all = epsilon_of_history(
+        store.accountant, [*combined, (noise_multiplier, sample_rate, steps)], delta
+    )
+    label = f"{accountant_label(store.accountant)}, δ={delta:g}, {terms}"
+    if projected_all > policy.epsilon_cap_total:
+        reason = (
+            f"round would raise the site's ε over all tasks from {before_all:.2f} to "
+            f"{projected_all:.2f} ({label}) above the cap {policy.epsilon_cap_total:g}"
+        )
+        allowed, rule = False, "epsilon-cap-total"
+    else:
+        reason = (
+            f"{decision.reason}; over all tasks {projected_all:.2f} of {policy.epsilon_cap_total:g}"
+        )
+        allowed, rule = True, ""
+    return BudgetDecision(
+        allowed=allowed,
+        epsilon_before=decision.epsilon_before,
+        projected_epsilon=decision.projected_epsilon,
+        epsilon_cap=decision.epsilon_cap,
+        delta=delta,
+        accountant=store.accountant,
+        reason=reason,
+        epsilon_all_tasks_before=before_all,
+        projected_epsilon_all_tasks=projected_all,
+        rule=rule,
+    )

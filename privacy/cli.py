@@ -1,7 +1,14 @@
-"""The `fedtwin-steward` command: inspect a site's privacy state.
+"""The `fedtwin-steward` command: keys, ledger verification, budget report and policy checks.
 
-Each subcommand is one `_Command` in `COMMANDS`: a name, a help line, a function that adds its
-arguments and a function that runs it and returns the exit code.
+Each subcommand is one `StewardCommand`: a name, a help line, a function that adds its arguments
+and a function that runs it and returns the exit code. `COMMANDS` holds the built-in ones, and
+installed packages add more through the entry point group `fedtwin.steward_commands`, whose
+entries name a function that returns a `StewardCommand` (the site's `audit-mia` needs the site's
+data loader, which privacy/ may not import).
+
+Exit codes: 0 success; 1 a check failed (a ledger that does not verify, an invalid policy, a
+policy violation in a report, an invalid accountant file); 2 invalid input (a missing or unreadable
+file, a key that is not Ed25519, an empty ledger, invalid arguments).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +33,34 @@ from privacy.accountant import (
     accountant_label,
     validate_delta,
 )
+from privacy.keys import (
+    PRIVATE_KEY_FILE,
+    PUBLIC_KEY_FILE,
+    KeyFileError,
+    generate_key_pair,
+    key_id,
+    load_public_key,
+)
+from privacy.ledger import LedgerError, entry_hash, verify_ledger
+from privacy.policy import PolicyError, load_policy
+from privacy.report import render_html, summarise_ledger, terminal_table
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = [
+    "COMMANDS",
+    "EXIT_FAILED",
+    "EXIT_INPUT",
+    "EXIT_OK",
+    "StewardCommand",
+    "build_parser",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_INPUT = 2
+PLUGIN_GROUP = "fedtwin.steward_commands"
 _STATE_GLOB = "accountant-*.json"
 _STATE_HEADER = (
     "Accountant state in {state_dir}. This is not the signed ledger, which is not implemented "
@@ -40,7 +69,9 @@ _STATE_HEADER = (
 
 
 @dataclass(frozen=True)
-class _Command:
+class StewardCommand:
+    """One `fedtwin-steward` subcommand."""
+
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
@@ -160,14 +191,226 @@ def _run_budget(args: argparse.Namespace) -> int:
     return EXIT_FAILED if errors else EXIT_OK
 
 
-COMMANDS: tuple[_Command, ...] = (
-    _Command(
+# ---------------------------------------------------------------------------- keygen
+
+
+def _add_keygen_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help=f"folder for {PRIVATE_KEY_FILE} (mode 0600) and {PUBLIC_KEY_FILE}; normally the "
+        "site's state-dir",
+    )
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    try:
+        private_path, public_path = generate_key_pair(args.out)
+    except KeyFileError as err:
+        print(f"fedtwin-steward keygen: {err}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as err:
+        print(
+            f"fedtwin-steward keygen: {args.out}: cannot write ({err.strerror}).", file=sys.stderr
+        )
+        return EXIT_INPUT
+    public_key = load_public_key(public_path)
+    print(f"private key: {private_path} (mode 0600; keep it on site, never send it)")
+    print(f"public key:  {public_path} (key id {key_id(public_key)}; give it to the stewards)")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- verify
+
+
+def _add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ledger", type=Path, metavar="LEDGER", help="a site's ledger.jsonl")
+    parser.add_argument(
+        "--public-key",
+        type=Path,
+        required=True,
+        metavar="KEY",
+        help=f"the site's public key ({PUBLIC_KEY_FILE}, PEM)",
+    )
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    try:
+        public_key = load_public_key(args.public_key)
+        result = verify_ledger(args.ledger, public_key)
+    except (KeyFileError, LedgerError) as err:
+        print(f"fedtwin-steward verify: {err}", file=sys.stderr)
+        return EXIT_INPUT
+    if result.problem is not None:
+        print(
+            f"fedtwin-steward verify: {args.ledger}: {result.problem.kind}: "
+            f"{result.problem.message}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    last = result.entries[-1]
+    print(
+        f"{args.ledger}: intact, {len(result.entries)} entries (seq 0..{last['seq']}) signed by "
+        f"key {key_id(public_key)}; last entry hash {entry_hash(last)}"
+    )
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "ledgers", type=Path, nargs="+", metavar="LEDGER", help="ledger.jsonl files"
+    )
+    parser.add_argument(
+        "--public-key",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="KEY",
+        help=f"public key per ledger, in the same order (default: {PUBLIC_KEY_FILE} beside each)",
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="folder for index.html"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    keys: list[Path | None] = list(args.public_key or [])
+    if keys and len(keys) != len(args.ledgers):
+        print(
+            f"fedtwin-steward report: {len(keys)} --public-key for {len(args.ledgers)} ledgers; "
+            "give one per ledger, in order, or none.",
+            file=sys.stderr,
+        )
+        return EXIT_INPUT
+    keys = keys or [None] * len(args.ledgers)
+
+    summaries = []
+    for ledger, key in zip(args.ledgers, keys, strict=True):
+        try:
+            summaries.append(summarise_ledger(ledger, key))
+        except LedgerError as err:
+            print(f"fedtwin-steward report: {err}", file=sys.stderr)
+            return EXIT_INPUT
+
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        page = args.out / "index.html"
+        page.write_text(render_html(summaries), encoding="utf-8")
+    except OSError as err:
+        print(
+            f"fedtwin-steward report: {args.out}: cannot write ({err.strerror}).", file=sys.stderr
+        )
+        return EXIT_INPUT
+
+    if args.json:
+        content = {"report": str(page), "sites": [summary.to_json() for summary in summaries]}
+        print(json.dumps(content, indent=2, allow_nan=False))
+    else:
+        print(terminal_table(summaries))
+        print(f"\nreport: {page}")
+    failed = any(s.verified is False or not s.compliant for s in summaries)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+# ---------------------------------------------------------------------------- policy check
+
+
+def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="policy_action", required=True, metavar="ACTION")
+    check = actions.add_parser(
+        "check", help="validate a policy file", description="validate a policy file"
+    )
+    check.add_argument("policy", type=Path, metavar="POLICY", help="policy TOML file")
+
+
+def _run_policy(args: argparse.Namespace) -> int:
+    if not args.policy.is_file():
+        print(
+            f"fedtwin-steward policy check: {args.policy}: policy file not found.", file=sys.stderr
+        )
+        return EXIT_INPUT
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as err:
+        print(f"fedtwin-steward policy check: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{args.policy}: valid policy")
+    for key, value in policy.to_json().items():
+        shown = value
+        if key == "delta" and not value:
+            shown = "1 / (10 x patients) of each round"
+        elif key == "epsilon-cap-total" and value is None:
+            shown = "none"
+        elif isinstance(value, list) and not value:
+            shown = "any"
+        print(f"  {key:<22} {shown}")
+    return EXIT_OK
+
+
+LEDGER_COMMANDS: tuple[StewardCommand, ...] = (
+    StewardCommand(
+        name="keygen",
+        help="create a site's Ed25519 key pair for signing its ledger",
+        add_arguments=_add_keygen_arguments,
+        run=_run_keygen,
+    ),
+    StewardCommand(
+        name="verify",
+        help="check a site ledger's hash chain, order and signatures",
+        add_arguments=_add_verify_arguments,
+        run=_run_verify,
+    ),
+    StewardCommand(
+        name="report",
+        help="write an HTML budget report (index.html) over site ledgers and print a table",
+        add_arguments=_add_report_arguments,
+        run=_run_report,
+    ),
+    StewardCommand(
+        name="policy",
+        help="validate a site policy file (policy check POLICY)",
+        add_arguments=_add_policy_arguments,
+        run=_run_policy,
+    ),
+)
+
+
+COMMANDS: tuple[StewardCommand, ...] = (
+    StewardCommand(
         name="budget",
         help="print each task's cumulative ε and rounds from a site's accountant state",
         add_arguments=_add_budget_arguments,
         run=_run_budget,
     ),
+    *LEDGER_COMMANDS,
 )
+
+
+def _plugin_commands() -> list[StewardCommand]:
+    """Load the commands that installed packages register under `fedtwin.steward_commands`."""
+    commands: list[StewardCommand] = []
+    for entry_point in entry_points(group=PLUGIN_GROUP):
+        try:
+            command = entry_point.load()()
+        # A broken plugin must not disable the built-in commands, whatever it raises.
+        except Exception as err:
+            logger.warning("Steward command %s could not be loaded: %s", entry_point.name, err)
+            continue
+        if isinstance(command, StewardCommand):
+            commands.append(command)
+        else:
+            logger.warning(
+                "Entry point %s returned %s, not a StewardCommand; skipped.",
+                entry_point.name,
+                type(command).__name__,
+            )
+    return commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
+    known = {command.name for command in COMMANDS}
+    plugins = [command for command in _plugin_commands() if command.name not in known]
+    for command in (*COMMANDS, *plugins):
         subparser = subparsers.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(subparser)
         subparser.set_defaults(run=command.run)

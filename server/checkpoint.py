@@ -59,7 +59,9 @@ class SiteEntry:
 
     `epsilon_round` and `epsilon_total` are the site's (epsilon, delta)-DP spend at
     `delta` under `accountant`, per `privacy_unit` (normally the patient); None when
-    the site sent no privacy metrics (for example after a refusal).
+    the site sent no privacy metrics (for example after a refusal). `ledger_entry` is
+    the site's signed privacy-ledger entry for the round, stored as the site sent it,
+    so a steward can verify it with the site's public key without access to the site.
     """
 
     site: str
@@ -73,6 +75,7 @@ class SiteEntry:
     accountant: str = ""
     secure_rng: bool | None = None
     privacy_unit: str = ""
+    ledger_entry: dict[str, Any] | None = None
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from models.spec import SpecError
+from server.cli_deploy import add_deploy_parsers
 from server.cli_run import add_consortium_parser, add_demo_parser, add_simulate_parser
 from server.demo_cohort import DemoCohortError, generate_demo_cohort
 from server.partition import PATIENT_MODE, PartitionError, format_summary, partition_dataset
@@ -227,6 +228,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction[_Parser]], None]] = [
     add_partition_parser,
     add_consortium_parser,
     add_demo_cohort_parser,
+    add_deploy_parsers,
 ]
 
 
@@ -247,6 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Flower's logger is set to DEBUG and propagates to the root handler: filter
+    # at the handler so `-q` and the default level hold for its records too.
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)
 
     try:
         code: int = args.handler(args)

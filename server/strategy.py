@@ -8,6 +8,7 @@ site evaluates the new global model, and the round ends with a checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -153,6 +154,22 @@ def _text(record: Mapping[str, Any] | None, key: str) -> str:
     if record is None or key not in record:
         return ""
     return str(record[key])
+
+
+def _ledger_entry(record: Mapping[str, Any] | None, node_id: int) -> dict[str, Any] | None:
+    """Parse the signed ledger entry a site sent, kept as sent so its signature still verifies."""
+    text = _text(record, Reply.LEDGER_ENTRY)
+    if not text:
+        return None
+    try:
+        entry = json.loads(text)
+    except json.JSONDecodeError as err:
+        logger.warning("Node %d sent a ledger entry that is not valid JSON (%s).", node_id, err)
+        return None
+    if not isinstance(entry, dict):
+        logger.warning("Node %d sent a ledger entry that is not a JSON object.", node_id)
+        return None
+    return entry
 
 
 def _weighted_metrics(
@@ -318,6 +335,7 @@ class FedTwinStrategy(Strategy):
             accountant=_text(reply, Reply.ACCOUNTANT),
             secure_rng=secure_rng if isinstance(secure_rng, bool) else None,
             privacy_unit=_text(reply, Reply.PRIVACY_UNIT),
+            ledger_entry=_ledger_entry(reply, node_id),
         )
         return entry, metrics
 
