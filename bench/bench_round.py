@@ -251,6 +251,8 @@ def bare_train(msg: Message, context: Context) -> Message:
         steps = LOCAL_EPOCHS * max(1, round(1 / SAMPLE_RATE))
         loss = _train_plain(task, model, train, steps)
     metrics["train-loss"] = loss
+    # More than one means this process kept its loaded tensors across messages.
+    metrics["sites-cached"] = float(len(_SITE_CACHE))
     content = RecordDict(
         {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
     )
@@ -312,9 +314,14 @@ class RoundClock:
     """Timestamps of the strategy's round steps and the messages it sent and received."""
 
     def __init__(self) -> None:
-        self.marks: list[tuple[str, int, float]] = []
+        # (step, round, wall seconds, CPU seconds of this process and its descendants)
+        self.marks: list[tuple[str, int, float, float]] = []
         self.sent: list[tuple[int, Message]] = []
         self.received: list[tuple[int, Message]] = []
+
+    def mark(self, step: str, server_round: int) -> None:
+        """Record the wall clock and the process tree's CPU time at a round step."""
+        self.marks.append((step, server_round, time.perf_counter(), tree_cpu_seconds(os.getpid())))
 
     def instrument(self, strategy_class: type[Any]) -> None:
         """Wrap `configure_train`, `configure_evaluate`, `aggregate_train` and `start`."""
@@ -327,7 +334,7 @@ class RoundClock:
         def timed_configure_train(
             self: Any, server_round: int, *args: Any, **kwargs: Any
         ) -> Iterable[Message]:
-            clock.marks.append(("train", server_round, time.perf_counter()))
+            clock.mark("train", server_round)
             messages = list(configure_train(self, server_round, *args, **kwargs))
             clock.sent.extend((server_round, m) for m in messages)
             return messages
@@ -335,7 +342,7 @@ class RoundClock:
         def timed_configure_evaluate(
             self: Any, server_round: int, *args: Any, **kwargs: Any
         ) -> Iterable[Message]:
-            clock.marks.append(("evaluate", server_round, time.perf_counter()))
+            clock.mark("evaluate", server_round)
             return configure_evaluate(self, server_round, *args, **kwargs)
 
         def kept_aggregate_train(self: Any, server_round: int, replies: Iterable[Message]) -> Any:
@@ -347,7 +354,7 @@ class RoundClock:
             try:
                 return start(self, *args, **kwargs)
             finally:
-                clock.marks.append(("end", 0, time.perf_counter()))
+                clock.mark("end", 0)
 
         strategy_class.configure_train = timed_configure_train
         strategy_class.configure_evaluate = timed_configure_evaluate
@@ -355,20 +362,25 @@ class RoundClock:
         strategy_class.start = timed_start
 
     def rounds(self) -> list[dict[str, float]]:
-        """Return per round: total seconds, the train step and the evaluate step (+ checkpoint)."""
-        starts = [(r, t) for kind, r, t in self.marks if kind == "train"]
-        evaluates = {r: t for kind, r, t in self.marks if kind == "evaluate"}
-        ends = [t for kind, _, t in self.marks if kind == "end"]
+        """Return per round the wall and CPU seconds: in total, of training, of evaluation.
+
+        The evaluate step runs from `configure_evaluate` to the next round's
+        `configure_train`, so it includes fedtwin's checkpoint write.
+        """
+        starts = [(r, t, c) for step, r, t, c in self.marks if step == "train"]
+        evaluates = {r: (t, c) for step, r, t, c in self.marks if step == "evaluate"}
+        ends = [(t, c) for step, _, t, c in self.marks if step == "end"]
         out = []
-        for index, (server_round, started) in enumerate(starts):
-            stop = starts[index + 1][1] if index + 1 < len(starts) else ends[-1]
+        for index, (server_round, started, cpu_started) in enumerate(starts):
+            stop = starts[index + 1][1:] if index + 1 < len(starts) else ends[-1]
             middle = evaluates.get(server_round, stop)
             out.append(
                 {
                     "round": server_round,
-                    "seconds": stop - started,
-                    "train_seconds": middle - started,
-                    "evaluate_seconds": stop - middle,
+                    "seconds": stop[0] - started,
+                    "train_seconds": middle[0] - started,
+                    "evaluate_seconds": stop[0] - middle[0],
+                    "cpu_seconds": stop[1] - cpu_started,
                 }
             )
         return out
@@ -475,8 +487,13 @@ def run_variant(variant: str, cohort: Path, task_name: str, num_rounds: int) -> 
 
     replies = [{"round": r, **message_sizes(m)} for r, m in clock.received if m.has_content()]
     sent = [{"round": r, **message_sizes(m)} for r, m in clock.sent]
+    cached = 0.0
     if variant != "fedtwin":
         statuses = ["ok" if not m.has_error() else "error" for _, m in clock.received]
+        for _, m in clock.received:
+            if m.has_content():
+                value = m.content.metric_records["metrics"]["sites-cached"]
+                cached = max(cached, float(value) if isinstance(value, int | float) else 0.0)
     return {
         "variant": variant,
         "task": task_name,
@@ -485,6 +502,7 @@ def run_variant(variant: str, cohort: Path, task_name: str, num_rounds: int) -> 
         "wall_seconds": wall,
         "rounds": clock.rounds(),
         "statuses": statuses,
+        "bare_sites_cached_max": cached,
         "replies": replies,
         "train_messages": sent,
     }
@@ -510,6 +528,27 @@ def process_tree(pid: int) -> list[int]:
         tree.extend(_children(tree[index]))
         index += 1
     return tree
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """Return the user + system CPU seconds of `pid` and its live descendants.
+
+    CPU time is less sensitive than wall time to other jobs on a shared machine. Processes that
+    ended before the call no longer count.
+    """
+    total = 0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/stat", encoding="ascii") as handle:
+                # The fields after the command name, which may contain spaces and brackets.
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _CLOCK_TICKS
 
 
 def _memory_kib(pid: int) -> tuple[int, int]:
@@ -579,6 +618,7 @@ def run_worker_process(
     ]
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
     log_file = result_file.with_suffix(".log")
+    load_before = os.getloadavg()[0]
     try:
         with log_file.open("w") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -597,6 +637,7 @@ def run_worker_process(
     finally:
         result_file.unlink(missing_ok=True)
         log_file.unlink(missing_ok=True)
+    result["load_average_1min"] = [load_before, os.getloadavg()[0]]
     result["peak_rss_mib"] = sampler.peak_rss_kib / 1024
     result["peak_pss_mib"] = sampler.peak_pss_kib / 1024
     result["peak_processes"] = sampler.peak_processes
@@ -632,7 +673,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         steady = [steady_round_seconds(r) for r in items]
         train = [steady_round_seconds(r, "train_seconds") for r in items]
         evaluate = [steady_round_seconds(r, "evaluate_seconds") for r in items]
+        cpu = [steady_round_seconds(r, "cpu_seconds") for r in items]
         summary[variant] = {
+            "steady_round_cpu_s_median": statistics.median(cpu),
+            "steady_round_cpu_s_range": [min(cpu), max(cpu)],
             "steady_round_s_median": statistics.median(steady),
             "steady_round_s_range": [min(steady), max(steady)],
             "steady_train_step_s_median": statistics.median(train),
@@ -647,19 +691,21 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ratios: dict[str, Any] = {}
     repeats = sorted({r["repeat"] for r in runs})
     for base in ("bare-dp", "bare-sgd"):
-        values = []
-        for repeat in repeats:
-            pair = {r["variant"]: r for r in runs if r["repeat"] == repeat}
-            if "fedtwin" in pair and base in pair:
-                values.append(
-                    steady_round_seconds(pair["fedtwin"]) / steady_round_seconds(pair[base])
-                )
-        if values:
-            ratios[f"fedtwin/{base}"] = {
-                "median": statistics.median(values),
-                "range": [min(values), max(values)],
-                "per_repeat": values,
-            }
+        for key, label in (("seconds", "wall"), ("cpu_seconds", "cpu")):
+            values = []
+            for repeat in repeats:
+                pair = {r["variant"]: r for r in runs if r["repeat"] == repeat}
+                if "fedtwin" in pair and base in pair:
+                    values.append(
+                        steady_round_seconds(pair["fedtwin"], key)
+                        / steady_round_seconds(pair[base], key)
+                    )
+            if values:
+                ratios[f"fedtwin/{base} {label}"] = {
+                    "median": statistics.median(values),
+                    "range": [min(values), max(values)],
+                    "per_repeat": values,
+                }
     summary["ratios"] = ratios
     summary["bytes"] = bytes_summary(runs)
     return summary
@@ -707,9 +753,9 @@ def print_summary(summary: dict[str, Any], task_name: str) -> None:
     print(f"\nround time, task {task_name}: median over repeats (range)")
     print(
         "| variant | round 1 s | round 2 s | rounds 3+ s | train step s | evaluate step s "
-        "| peak PSS MiB |"
+        "| rounds 3+ CPU s | peak PSS MiB |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for variant in VARIANTS:
         if variant not in summary:
             continue
@@ -719,7 +765,7 @@ def print_summary(summary: dict[str, Any], task_name: str) -> None:
             f"| {variant} | {s['first_round_s_median']:.2f} | {s['second_round_s_median']:.2f} "
             f"| {s['steady_round_s_median']:.2f} ({low:.2f}-{high:.2f}) "
             f"| {s['steady_train_step_s_median']:.2f} | {s['steady_evaluate_step_s_median']:.2f} "
-            f"| {s['peak_pss_mib_median']:.0f} |"
+            f"| {s['steady_round_cpu_s_median']:.2f} | {s['peak_pss_mib_median']:.0f} |"
         )
     for name, ratio in summary["ratios"].items():
         low, high = ratio["range"]
@@ -809,7 +855,9 @@ def main() -> None:
             print(
                 f"repeat {run['repeat']} {run['variant']}: rounds "
                 + ", ".join(f"{r['seconds']:.2f}" for r in run["rounds"])
-                + f" s; wall {run['wall_seconds']:.1f} s; statuses {sorted(set(run['statuses']))}",
+                + f" s; wall {run['wall_seconds']:.1f} s; statuses {sorted(set(run['statuses']))}; "
+                f"load average {run['load_average_1min'][0]:.1f} to "
+                f"{run['load_average_1min'][1]:.1f}",
                 flush=True,
             )
 

@@ -128,6 +128,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         data=args.data,
         quick=args.quick,
         total_seconds=time.perf_counter() - started,
+        load_average=os.getloadavg()[1],
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(results, plots, setup, out), encoding="utf-8")

@@ -73,7 +73,7 @@ def plot_task(result: TaskResult, out: Path) -> Path:
     left.set_xlabel("round (0 = initial model)")
     left.set_ylabel(metric)
     left.set_xticks(rounds)
-    left.legend(fontsize=8)
+    left.legend(fontsize=7, loc="best")
 
     # Cumulative ε per site
     epsilon_rounds = list(range(1, len(result.manifests) + 1))

@@ -1,10 +1,12 @@
-"""Run every benchmark in bench/ with small sizes and keep the raw results under bench/out/.
+"""Run the benchmarks in bench/ with small sizes and keep the raw results under bench/out/.
 
 Run from the repository root (`make bench` does):
 
     .venv/bin/python bench/run_all.py [--only dp_step,round] [--full]
 
-Each benchmark runs in its own process, one after the other, so they do not compete for the
+It runs the benchmarks it has sizes for (`BENCHMARKS`) and lists every other `bench_*.py` script
+in bench/ as not run, because those need inputs such as checkpoints (see their --help). Each
+benchmark runs in its own process, one after the other, so they do not compete for the
 cores. The JSON results go to bench/out/<name>.json and the printed output to
 bench/out/<name>.txt. The ingestion benchmark needs the MIMIC-IV demo FHIR folder under
 $FEDTWIN_SHARED_DATA (default ../shared/data); without it, it is skipped with a message.
@@ -36,8 +38,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
         ["--repeat", "3", "--num-rounds", "6"],
     ),
     "scale": (
+        ["--repeat", "1", "--num-rounds", "3"],
         ["--repeat", "1", "--num-rounds", "4"],
-        ["--repeat", "3", "--num-rounds", "4"],
     ),
 }
 
@@ -99,6 +101,13 @@ def main() -> int:
         else:
             print(f"{name} finished in {seconds:.0f} s; output in {OUT_DIR}", flush=True)
 
+    others = sorted(
+        p.name
+        for p in BENCH_DIR.glob("bench_*.py")
+        if p.stem.removeprefix("bench_") not in BENCHMARKS
+    )
+    if others:
+        print(f"not run (they need inputs; see their --help): {', '.join(others)}")
     if failed:
         print(f"failed: {', '.join(failed)}")
         return 1

@@ -410,3 +410,46 @@ def test_flwr_run_two_rounds(deployment: Deployment) -> None:
         )
         assert verification.intact, verification.problem
         assert len(verification.entries) >= 2
+
+
+def _wait_for_file(path: Path, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file():
+            return
+        assert process.poll() is None, f"flwr run exited before {path} was written"
+        time.sleep(1.0)
+    raise AssertionError(f"{path} was not written within {timeout} s")
+
+
+def test_site_killed_mid_run(deployment: Deployment) -> None:
+    from privacy.keys import load_public_key
+    from privacy.ledger import verify_ledger
+
+    runs = deployment.root / "runs"
+    run_config = (
+        f"task='lab-forecast' num-server-rounds=2 runs-dir='{runs}' run-name='site-fault' "
+        "min-sites=2 consortium=''"
+    )
+    command = [str(BIN / "flwr"), "run", ".", CONNECTION, "--run-config", run_config, "--stream"]
+    run = deployment.start(command, "flwr-run-site-fault.log")
+    _wait_for_file(runs / "site-fault" / "round-1" / "manifest.json", run, timeout=300)
+
+    # Round 2 starts as soon as round 1 is checkpointed: kill site-3's SuperNode now
+    _stop(deployment.supernodes["site-3"])
+    code = run.wait(timeout=420)
+
+    assert code == 0, deployment.log("flwr-run-site-fault.log")[-3000:]
+    manifest = json.loads((runs / "site-fault" / "round-2" / "manifest.json").read_text())
+    assert manifest["aggregated"] is True
+    ok_sites = {entry["site"] for entry in manifest["sites"] if entry["status"] == "ok"}
+    assert ok_sites == {"site-1", "site-2"}
+
+    state = deployment.root / "sites" / "site-3" / "state"
+    verification = verify_ledger(state / "ledger.jsonl", load_public_key(state / "site-key.pub"))
+    assert verification.intact, verification.problem
+
+    # The killed site rejoins with the same key
+    key = deployment.root / "keys" / "site-3" / "site.key"
+    deployment.supernodes["site-3"] = deployment.join("site-3", key, "supernode-site-3-rejoin.log")
+    _wait_online(deployment, len(SITES))

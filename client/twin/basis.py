@@ -66,9 +66,7 @@ def observation_refs(
             patient_id = patient_id_of(str(reference)) if reference else None
             if patient_id is None or (patients is not None and patient_id not in patients):
                 continue
-            text = data.get("effectiveDateTime") or (data.get("effectivePeriod") or {}).get(
-                "start"
-            )
+            text = data.get("effectiveDateTime") or (data.get("effectivePeriod") or {}).get("start")
             if not isinstance(text, str):
                 continue
             try:

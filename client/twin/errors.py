@@ -1,4 +1,4 @@
-"""Errors of the per-patient twin, each with the exit code `fedtwin-site predict` and `update` use."""
+"""Errors of the per-patient twin, each with its exit code for `fedtwin-site predict`."""
 
 from __future__ import annotations
 

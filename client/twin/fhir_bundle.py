@@ -179,7 +179,9 @@ def _cell_observations(twin: PatientTwin, device_id: str, issued: str) -> list[d
                 "meta": {"tag": [MODEL_OUTPUT_TAG]},
                 "status": "preliminary",
                 "code": {
-                    "coding": [{"system": f"{BASE}/CodeSystem/twin", "code": "cell-state-composition"}],
+                    "coding": [
+                        {"system": f"{BASE}/CodeSystem/twin", "code": "cell-state-composition"}
+                    ],
                     "text": "Predicted T-cell state composition",
                 },
                 "subject": {"reference": f"Patient/{twin.patient_id}"},
@@ -187,10 +189,16 @@ def _cell_observations(twin: PatientTwin, device_id: str, issued: str) -> list[d
                 "specimen": {"display": f"single-cell sample {sample_id}"},
                 "method": {"text": f"fedtwin cell-state {twin.versions['cell-state']}"},
                 "device": {"reference": f"urn:uuid:{device_id}"},
-                "note": [{"text": f"Mean state probability over {cells.cells[str(sample_id)]} cells."}],
+                "note": [
+                    {"text": f"Mean state probability over {cells.cells[str(sample_id)]} cells."}
+                ],
                 "component": [
                     {
-                        "code": {"coding": [{"system": f"{BASE}/CodeSystem/cell-state", "code": str(state)}]},
+                        "code": {
+                            "coding": [
+                                {"system": f"{BASE}/CodeSystem/cell-state", "code": str(state)}
+                            ]
+                        },
                         "valueQuantity": {
                             "value": round(float(value), 6),
                             "unit": "1",

@@ -110,13 +110,17 @@ def _lab_rows(context: SiteContext, patient_id: str, codes: list[str]) -> pd.Dat
 
 
 def _data_sha256(rows: pd.DataFrame, extra: Any = None) -> str:
+    # Rounded to 8 significant digits: the site's table cache keeps 10, not a float's 17.
     payload = [
-        [str(t), c, float(v)] for t, c, v in zip(rows["time"], rows["code"], rows["value"], strict=True)
+        [pd.Timestamp(t).isoformat(), c, f"{float(v):.8g}"]
+        for t, c, v in zip(rows["time"], rows["code"], rows["value"], strict=True)
     ]
     return _sha256({"rows": payload, "extra": extra})
 
 
-def _origin(context: SiteContext, patient_id: str, rows: pd.DataFrame) -> tuple[datetime, pd.Series]:
+def _origin(
+    context: SiteContext, patient_id: str, rows: pd.DataFrame
+) -> tuple[datetime, pd.Series]:
     # Time origin of the bins and each row's day, as `models.lab_forecast` defines them.
     day = rows["day"].astype(float)
     if np.isfinite(day.to_numpy()).any():
@@ -128,7 +132,11 @@ def _origin(context: SiteContext, patient_id: str, rows: pd.DataFrame) -> tuple[
 
 
 def _fit_lab(
-    context: SiteContext, twin: PatientTwin, mode: str, data_sha256: str, row: tuple[torch.Tensor, ...]
+    context: SiteContext,
+    twin: PatientTwin,
+    mode: str,
+    data_sha256: str,
+    row: tuple[torch.Tensor, ...],
 ) -> tuple[FitOutcome, npt.NDArray[np.float32] | None, bool]:
     """Decide between the saved twin, an incremental refit and a fresh fit."""
     task = "lab-forecast"
@@ -190,8 +198,10 @@ def _lab_forecast(
     is_log = model.get_buffer("log1p").numpy() > 0.5
 
     def original(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        # An infinite conformal multiplier (too few held-out values for the level) stays infinite.
         value = z * scale + center
-        return np.where(is_log, np.expm1(value), value)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.where(is_log, np.maximum(np.expm1(value), 0.0), value)
 
     intervals = calibration.intervals
     bounds = {}
@@ -261,7 +271,9 @@ def _lab_forecast(
         twin.pending.append(save)
 
 
-def _simple_state(context: SiteContext, twin: PatientTwin, task: str, data_sha256: str, mode: str) -> bool:
+def _simple_state(
+    context: SiteContext, twin: PatientTwin, task: str, data_sha256: str, mode: str
+) -> bool:
     """Track a task without patient-specific weights; return False when nothing changed."""
     state_dir = context.config.state_dir
     version = context.models[task].version
@@ -278,7 +290,9 @@ def _simple_state(context: SiteContext, twin: PatientTwin, task: str, data_sha25
     return True
 
 
-def _crs_risk(context: SiteContext, twin: PatientTwin, calibration: SiteCalibration, mode: str) -> None:
+def _crs_risk(
+    context: SiteContext, twin: PatientTwin, calibration: SiteCalibration, mode: str
+) -> None:
     task = "crs-risk"
     examples = context.examples[task]
     if twin.patient_id not in examples.patient_ids:
@@ -319,7 +333,9 @@ def _cell_state(context: SiteContext, twin: PatientTwin, mode: str) -> None:
     rows = {}
     for sample_id, sample in samples.items():
         probabilities = predict_sample_states(context.networks[task], sample)
-        rows[sample_id] = probabilities.mean(axis=0) if sample.counts.shape[0] else np.zeros(len(states))
+        rows[sample_id] = (
+            probabilities.mean(axis=0) if sample.counts.shape[0] else np.zeros(len(states))
+        )
     fractions = pd.DataFrame.from_dict(rows, orient="index", columns=states)
     cells = {sample_id: int(sample.counts.shape[0]) for sample_id, sample in samples.items()}
     _simple_state(context, twin, task, _sha256(sorted(cells.items())), mode)

@@ -6,11 +6,12 @@ import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from client.twin.patient import PatientTwin  # noqa: E402
+from client.twin.patient import PatientTwin
 
 __all__ = ["plot_twin"]
 
@@ -35,9 +36,13 @@ def plot_twin(twin: PatientTwin, path: Path) -> None:
         seen = lab.observed.loc[
             (lab.observed["code"] == code) & (lab.observed["day_offset"] >= last_day - HISTORY_DAYS)
         ]
-        axis.plot(seen["day_offset"], seen["value"], "o-", color="0.25", ms=3, lw=0.8, label="observed")
+        axis.plot(
+            seen["day_offset"], seen["value"], "o-", color="0.25", ms=3, lw=0.8, label="observed"
+        )
         for level, alpha in ((0.95, 0.18), (0.8, 0.35)):
             low, high = lab.bounds[level]
+            if not (np.isfinite(low[:, k]).all() and np.isfinite(high[:, k]).all()):
+                continue  # too few held-out values to calibrate this level
             axis.fill_between(
                 lab.day_offsets,
                 low[:, k],
@@ -57,7 +62,7 @@ def plot_twin(twin: PatientTwin, path: Path) -> None:
                 lw=1.0,
             )
         axis.plot(lab.day_offsets, lab.median[:, k], "s", color="tab:blue", ms=4, label="forecast")
-        axis.set_title(f"{twin.names.get(code, code)} [{lab.units[k]}]", fontsize=9)
+        axis.set_title(f"{code} [{lab.units[k]}]", fontsize=9)
         axis.tick_params(labelsize=7)
         axis.set_xlabel("day", fontsize=8)
     for k in range(count, rows * columns):

@@ -81,7 +81,8 @@ def open_site(site_config: Path, checkpoints: list[Path], *, progress: bool = Fa
     try:
         dataset = load_site_dataset(config, spec, progress=progress)
     except DateError as err:
-        raise TwinError(f"{config.path}: {err}") from err
+        msg_0 = f"{config.path}: {err}"
+        raise TwinError(msg_0) from err
     examples = {
         task: get_task(task).build_examples(
             spec, dataset.patients, dataset.timeline, dataset.events, dataset.cells
