@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from privacy.keys import PUBLIC_KEY_FILE, KeyFileError, load_public_key
 from privacy.ledger import LedgerError, read_entries, verify_ledger
@@ -273,6 +274,7 @@ def _plot(summary: LedgerSummary) -> str:
         axes.axhline(
             summary.epsilon_cap_total, linestyle=":", color="black", label="cap, all tasks"
         )
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("ledger entry")
     axes.set_ylabel("cumulative ε")
     axes.set_title(f"{summary.site}: ε per task (dashed: the task's cap)")
