@@ -63,8 +63,8 @@ EXIT_INPUT = 2
 PLUGIN_GROUP = "fedtwin.steward_commands"
 _STATE_GLOB = "accountant-*.json"
 _STATE_HEADER = (
-    "Accountant state in {state_dir}. This is not the signed ledger, which is not implemented "
-    "yet, so nothing here proves that the files are unaltered."
+    "Accountant state in {state_dir}. This is not the signed ledger, so nothing here proves that "
+    "the files are unaltered; run `fedtwin-steward verify` on {state_dir}/ledger.jsonl for that."
 )
 
 

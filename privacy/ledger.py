@@ -1,6 +1,6 @@
 """A site's privacy ledger: append-only JSON Lines, hash-chained and signed with the site's key.
 
-`<state_dir>/ledger.jsonl` holds one JSON object per line, one per trained or refused round.
+`<state_dir>/ledger.jsonl` contains one JSON object per line, one per trained or refused round.
 Each entry carries `seq` (0, 1, 2, …), `prev_hash` (SHA-256 hex of the previous entry, 64 zeros
 for the first), `key_id` (fingerprint of the signing key) and `signature`: the base64 Ed25519
 signature of the entry's canonical JSON without `signature`. An entry's hash is the SHA-256 of

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,15 @@ InitialArraysFn = Callable[[RunConfig, FeatureSpec], Mapping[str, np.ndarray]]
 _INPUT_ERRORS = (RunConfigError, SpecError, CheckpointError, SiteWaitTimeoutError)
 
 
-def default_run_name(task: str, spec_sha256: str) -> str:
-    """Return the run name used when run-name is empty: `<task>-<spec hash[:8]>`."""
-    return f"{task}-{spec_sha256[:8]}"
+def default_run_name(consortium: str, task: str, spec_sha256: str) -> str:
+    """Return the run name used when run-name is empty: `<consortium>-<task>-<spec hash[:8]>`.
+
+    The consortium folder's name is part of it so that two consortia trained on
+    the same task never resume each other's checkpoints.
+    """
+    folder = Path(consortium).name if consortium else ""
+    folder = re.sub(r"[^A-Za-z0-9._-]", "-", folder).strip("-.") or "run"
+    return f"{folder}-{task}-{spec_sha256[:8]}"
 
 
 def build_initial_arrays(run_config: RunConfig, spec: FeatureSpec) -> dict[str, np.ndarray]:
@@ -134,7 +141,9 @@ def run_server(
         On a bad feature spec, a checkpoint that cannot be resumed, or too few sites.
     """
     spec = load_spec(run_config.spec or None)
-    run_name = run_config.run_name or default_run_name(run_config.task, spec.sha256)
+    run_name = run_config.run_name or default_run_name(
+        run_config.consortium, run_config.task, spec.sha256
+    )
     run_dir = Path(run_config.runs_dir) / run_name
     initial = dict((initial_arrays_fn or build_initial_arrays)(run_config, spec))
 

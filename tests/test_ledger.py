@@ -291,7 +291,9 @@ def test_crash_keeps_acknowledged(tmp_path: Path) -> None:
         time.sleep(0.02 + 0.013 * attempt)
         process.send_signal(signal.SIGKILL)
         output, _ = process.communicate()
-        acknowledged.update(int(line.split()[1]) for line in output.splitlines() if line.startswith("ack"))
+        acknowledged.update(
+            int(line.split()[1]) for line in output.splitlines() if line.startswith("ack")
+        )
 
         # After each kill the ledger is intact or ends in one torn line, never worse.
         result = verify_ledger(state / LEDGER_FILE, load_public_key(state / PUBLIC_KEY_FILE))

@@ -8,7 +8,7 @@ import pytest
 
 from client.site_config import SiteConfigError, load_site_config
 from privacy.accountant import AccountantStore
-from privacy.budget import check_policy
+from privacy.budget import BudgetDecision, check_policy
 from privacy.cli import EXIT_FAILED, EXIT_INPUT, EXIT_OK, main
 from privacy.policy import PolicyError, SitePolicy, load_policy, parse_policy, round_patients
 
@@ -164,7 +164,7 @@ def test_policy_check_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 # ---------------------------------------------------------------------------- rules
 
 
-def _decide(tmp_path: Path, policy: SitePolicy, **overrides: object) -> object:
+def _decide(tmp_path: Path, policy: SitePolicy, **overrides: object) -> BudgetDecision:
     arguments: dict[str, object] = {
         "model": "CrsRiskNet",
         "n_patients": 40,
@@ -193,13 +193,13 @@ def test_check_policy_rejects(
     tmp_path: Path, policy: SitePolicy, overrides: dict[str, object], rule: str
 ) -> None:
     decision = _decide(tmp_path, policy, **overrides)
-    assert decision.allowed is False  # type: ignore[attr-defined]
-    assert decision.rule == rule  # type: ignore[attr-defined]
-    assert decision.reason  # type: ignore[attr-defined]
+    assert decision.allowed is False
+    assert decision.rule == rule
+    assert decision.reason
 
 
 def test_check_policy_allows(tmp_path: Path) -> None:
     decision = _decide(tmp_path, SitePolicy(epsilon_cap=50.0, epsilon_cap_total=60.0))
-    assert decision.allowed is True  # type: ignore[attr-defined]
-    assert decision.delta == pytest.approx(1 / 400)  # type: ignore[attr-defined]
-    assert 0 < decision.projected_epsilon_all_tasks < 60.0  # type: ignore[attr-defined]
+    assert decision.allowed is True
+    assert decision.delta == pytest.approx(1 / 400)
+    assert 0 < decision.projected_epsilon_all_tasks < 60.0

@@ -635,7 +635,7 @@ def test_run_server_resume(tmp_path: Path) -> None:
     first = run_server(
         three_sites(), parse_run_config(raw), initial_arrays_fn=lambda c, s: global_arrays()
     )
-    run_dir = tmp_path / f"lab-forecast-{spec.sha256[:8]}"
+    run_dir = tmp_path / f"consortium-lab-forecast-{spec.sha256[:8]}"
     assert [r.server_round for r in first.history] == [1, 2]
     assert all(r.aggregated and not r.rejected for r in first.history)
     assert first.last_checkpoint == str(run_dir / "round-2")
