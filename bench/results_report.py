@@ -309,7 +309,7 @@ def _setup_section(results: list[TaskResult], setup: Setup) -> list[str]:
         f"- Machine: {_machine()}. Whole script: {setup.total_seconds / 60:.1f} min, with a "
         f"5-minute load average of {setup.load_average:.1f} at the end. A load above 2 means "
         "that other jobs shared the cores, so the times are then upper bounds.",
-        f"- Data: the real cohorts in `{setup.data}` (FEDTWIN_SHARED_DATA), read in place.",
+        "- Data: the real cohorts in the folder named by FEDTWIN_SHARED_DATA, read in place.",
         f"- Federated run: `server.simulation.run_federation` (Flower simulation engine, one "
         f"simulated site per site folder), {config.num_server_rounds} rounds, "
         f"strategy {config.strategy}, local_epochs {config.local_epochs}, learning_rate "

@@ -188,6 +188,7 @@ def make_private_training(
     parameters = [p for p in model.parameters() if p.requires_grad]
     device = parameters[0].device if parameters else torch.device("cpu")
     engine = _new_privacy_engine(accountant)
+    model.train()  # Opacus rejects a module in eval mode
     module, optimizer, data_loader = engine.make_private(
         module=model,
         optimizer=torch.optim.SGD(parameters, lr=learning_rate),

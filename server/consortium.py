@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 __all__ = ["write_consortium"]
-
-logger = logging.getLogger(__name__)
 
 
 def _toml_string(value: str) -> str:
@@ -68,6 +65,5 @@ def write_consortium(
         ]
         target = folder / "site.toml"
         target.write_text("\n".join(lines), encoding="utf-8")
-        logger.info("Wrote %s", target)
         written.append(target)
     return written

@@ -1,7 +1,7 @@
 """Coordinator side of a deployment: TLS certificates, the SuperLink command, site registration.
 
-A consortium runs Flower's deployment engine: the coordinator starts `flower-superlink` with
-TLS, SuperNode authentication and a persistent state database; each site runs
+A consortium runs Flower's deployment engine. The coordinator starts `flower-superlink` with
+TLS, SuperNode authentication and a persistent state database. Each site runs
 `flower-supernode` with the consortium's root certificate and its own private key, whose
 public key the coordinator registers first with `flwr supernode register`.
 """
@@ -254,8 +254,8 @@ def superlink_command(
     """Build the `flower-superlink` command of a consortium's coordinator.
 
     The SuperLink serves its Fleet, Control and runtime APIs on one HTTPS port (flwr
-    1.42), accepts only SuperNodes whose public key was registered, keeps its state in
-    the SQLite file `database` so that registrations survive a restart, and runs each
+    1.42) and accepts only SuperNodes whose public key was registered. It keeps its state
+    in the SQLite file `database`, so registrations survive a restart. It runs each
     ServerApp in a subprocess without installing the app's dependencies at run time.
 
     Parameters
