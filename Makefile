@@ -25,7 +25,7 @@ test: setup
 	$(PY) -m pytest -q -ra
 
 test-fast: setup
-	$(PY) -m pytest -q -ra -m "not simulation"
+	$(PY) -m pytest -q -ra -m "not simulation and not deployment"
 
 bench: setup
 	$(PY) bench/run_all.py
