@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _load_subcommands() -> None:
     """Import the modules that register subcommands beyond `check`."""
-    import client.join  # noqa: F401  (keygen, join)
+    import client.join  # keygen, join
     import client.twin.commands  # noqa: F401  (predict, update)
 
 
