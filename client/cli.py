@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -126,11 +126,29 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
         help="IANA time zone of dates and of date-times without offset (default: UTC)",
     )
     parser.add_argument(
+        "--sample-sheet",
+        type=Path,
+        metavar="FILE",
+        help="TSV or CSV naming each single-cell sample's patient (columns GEX_Sample, Patient)",
+    )
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        metavar="FILE",
+        help="TSV or CSV of cell-state labels per cell (columns CellID, CellType1)",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print the report as JSON instead of a table"
     )
     parser.add_argument(
         "--no-cache", action="store_true", help="read every input again, ignoring the cache"
     )
+
+
+def _check_cache_dir() -> Path:
+    """Return where `check` without a site config caches what it read: the user's cache folder."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "fedtwin" / "check"
 
 
 def _check_config(args: argparse.Namespace) -> SiteConfig:
@@ -148,13 +166,18 @@ def _check_config(args: argparse.Namespace) -> SiteConfig:
             fhir=(),
             cells=(),
             spec=None,
-            state_dir=cwd / ".fedtwin-state",
+            state_dir=_check_cache_dir(),
             timezone="UTC",
         )
     fhir = tuple(p.resolve() for p in args.fhir) or base.fhir
     cells = tuple(p.resolve() for p in args.cells) or base.cells
     spec = args.spec.resolve() if args.spec is not None else base.spec
     timezone = args.timezone or base.timezone
+    cells_config = base.cells_config
+    if args.sample_sheet is not None:
+        cells_config = replace(cells_config, sample_sheet=args.sample_sheet.resolve())
+    if args.labels is not None:
+        cells_config = replace(cells_config, labels=args.labels.resolve())
     return SiteConfig(
         path=base.path,
         name=base.name,
@@ -163,7 +186,7 @@ def _check_config(args: argparse.Namespace) -> SiteConfig:
         spec=spec,
         state_dir=base.state_dir,
         timezone=timezone,
-        cells_config=base.cells_config,
+        cells_config=cells_config,
         privacy=base.privacy,
     )
 

@@ -243,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_dependencies(*, verbose: bool) -> None:
+    """Route Flower's records through the root handler and keep chatty libraries at WARNING."""
+    flower = logging.getLogger("flwr")
+    for handler in list(flower.handlers):
+        flower.removeHandler(handler)
+    flower.propagate = True
+    if not verbose:
+        flower.setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `fedtwin-coordinator` and return its exit code."""
     args = build_parser().parse_args(argv)
@@ -253,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # at the handler so `-q` and the default level hold for its records too.
     for handler in logging.getLogger().handlers:
         handler.setLevel(level)
+    _quiet_dependencies(verbose=args.verbose)
 
     try:
         code: int = args.handler(args)
@@ -260,9 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as err:
-        print(
-            f"{PROG} {args.command}: error: {err.strerror or err}: {err.filename}", file=sys.stderr
-        )
+        where = f": {err.filename}" if err.filename else ""
+        print(f"{PROG} {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
         return EXIT_USAGE
     return code
 

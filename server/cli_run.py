@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,13 @@ def simulate(run_config: dict[str, Any], *, cpus_per_site: float = 1.0) -> FedTw
 
 def _print_result(result: FedTwinResult) -> None:
     history: list[RoundRecord] = result.history
-    print(format_history(history))
+    if not history:
+        print(
+            "No round ran: this run already has all its rounds. Raise --num-rounds to continue "
+            "it, or pass a new --run-name (checkpoints are in runs-dir, default runs/)."
+        )
+    else:
+        print(format_history(history))
     if result.last_checkpoint:
         print(f"\nLast checkpoint: {result.last_checkpoint}")
 
@@ -63,10 +70,10 @@ def _print_result(result: FedTwinResult) -> None:
 def _run_simulate(args: argparse.Namespace) -> int:
     run_config = parse_assignments(args.run_config)
     run_config["consortium"] = str(args.consortium)
-    if args.task:
-        run_config["task"] = args.task
-    if args.num_rounds is not None:
-        run_config["num-server-rounds"] = args.num_rounds
+    run_config.setdefault("task", args.task)
+    run_config.setdefault("num-server-rounds", args.num_rounds)
+    if args.run_name:
+        run_config["run-name"] = args.run_name
     _print_result(simulate(run_config, cpus_per_site=args.cpus_per_site))
     return 0
 
@@ -78,7 +85,8 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="run federated DP training over a consortium folder in Flower's simulation engine",
         description=(
             "Run the fedtwin ServerApp and one simulated site per site folder of CONSORTIUM, "
-            "then print per-round, per-site privacy spend and evaluation metrics."
+            "then print per-round, per-site privacy spend and evaluation metrics. Checkpoints "
+            "go to runs-dir/run-name/round-N (runs-dir defaults to runs/ in this folder)."
         ),
     )
     parser.add_argument(
@@ -88,8 +96,23 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         metavar="DIR",
         help="folder of site folders, each with a site.toml",
     )
-    parser.add_argument("--task", choices=DEMO_TASKS, help="twin submodel to train")
-    parser.add_argument("--num-rounds", type=int, metavar="N", help="server rounds")
+    parser.add_argument(
+        "--task",
+        choices=DEMO_TASKS,
+        default="lab-forecast",
+        help="twin submodel to train (default: lab-forecast)",
+    )
+    parser.add_argument(
+        "--num-rounds", type=int, default=3, metavar="N", help="server rounds (default: 3)"
+    )
+    parser.add_argument(
+        "--run-name",
+        metavar="NAME",
+        help=(
+            "run folder under runs-dir (default: <consortium folder>-<task>-<spec hash>); "
+            "an existing run resumes after its last checkpoint"
+        ),
+    )
     parser.add_argument(
         "--run-config",
         action="append",
@@ -167,8 +190,28 @@ def add_consortium_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser.set_defaults(handler=_run_consortium)
 
 
+DEMO_MARKER = ".fedtwin-demo"
+
+
+def _fresh_demo_folder(out: Path) -> None:
+    """Empty a folder an earlier demo wrote (it holds the marker file); refuse any other folder."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / DEMO_MARKER).is_file():
+            msg = (
+                f"Demo output folder {out} is not empty and was not written by the demo; "
+                "pass another --out folder."
+            )
+            raise ValueError(msg)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text(
+        "Written by `fedtwin-coordinator demo`; the next demo run empties it.\n"
+    )
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     out: Path = args.out
+    _fresh_demo_folder(out)
     print(f"Generating the synthetic demo cohort under {out} ...")
     cohort = generate_demo_cohort(
         out, num_sites=3, patients_per_site=args.patients_per_site, seed=0

@@ -26,6 +26,10 @@ def _number(value: object, digits: int = 3) -> str:
     return str(value)
 
 
+def _epsilon(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _row(cells: list[str]) -> str:
     parts = []
     for text, (_, width) in zip(cells, _COLUMNS, strict=True):
@@ -40,14 +44,14 @@ def format_history(history: list[RoundRecord]) -> str:
         _row([name for name, _ in _COLUMNS]),
     ]
     for record in history:
-        for entry in record.sites:
+        for entry in sorted(record.sites, key=lambda site: site.site):
             cells = [
                 str(record.server_round),
                 entry.site,
                 entry.status,
                 _number(entry.patients),
-                _number(entry.epsilon_round),
-                _number(entry.epsilon_total),
+                _epsilon(entry.epsilon_round),
+                _epsilon(entry.epsilon_total),
                 _number(entry.delta, 2),
                 entry.accountant,
             ]
@@ -58,7 +62,11 @@ def format_history(history: list[RoundRecord]) -> str:
             )
 
     lines.append("")
-    lines.append("Federated evaluation on held-out patients (weighted by patients)")
+    lines.append(
+        "Federated evaluation on held-out patients: site metrics averaged with the site's "
+        "held-out patients as weights (so n-patients is a weighted mean per site); "
+        "baseline-* is the task's simple baseline on the same patients"
+    )
     for record in history:
         metrics = ", ".join(
             f"{name} {_number(value)}" for name, value in sorted(record.evaluate_metrics.items())

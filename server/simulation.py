@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,8 @@ def run_federation(
         raise FileNotFoundError(msg)
 
     config = {**run_config, "consortium": str(consortium)}
+    # Keep Ray's accelerator handling as it is and silence its warning about the change.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     logger.info("Simulating %d sites of %s, task %s", num_sites, consortium, config.get("task"))
     run_simulation(
         server_app=make_server_app(config, on_result=on_result),
