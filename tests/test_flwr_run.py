@@ -39,8 +39,7 @@ def test_flwr_run_repository_root(tmp_path: Path) -> None:
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
     (flwr_home / "config.toml").write_text(
-        '[superlink]\ndefault = "fedtwin-sim"\n\n'
-        '[superlink.fedtwin-sim]\naddress = ":local:"\noptions.num-supernodes = 3\n'
+        '[superlink]\ndefault = "fedtwin-sim"\n\n[superlink.fedtwin-sim]\naddress = ":local:"\n'
     )
     runs = tmp_path / "runs"
     run_config = (
@@ -58,7 +57,8 @@ def test_flwr_run_repository_root(tmp_path: Path) -> None:
 
     try:
         completed = subprocess.run(
-            [flwr, "run", ".", "fedtwin-sim", "--run-config", run_config, "--stream"],
+            [flwr, "run", ".", "fedtwin-sim", "--stream", "--federation-config", "num-supernodes=3"]
+            + ["--run-config", run_config],
             cwd=REPO_ROOT,
             env=env,
             capture_output=True,
