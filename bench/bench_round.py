@@ -11,10 +11,11 @@ runs three variants, each in a fresh Python process with Flower's simulation eng
 - `fedtwin`: the product, through `server.simulation.run_federation`: site datasets read from
   FHIR and .h5ad (through the site cache), budget check, Opacus DP-SGD, accountant files,
   update validation, FedAvg and a checkpoint per round.
-- `bare-dp`: a minimal Message-API app written here: `flwr.serverapp.strategy.FedAvg` and a
-  ClientApp that trains the same model on the same tensors (exported once from the site datasets)
-  with a plain Opacus `make_private` loop at the same noise, clipping bound, sample rate and
-  number of steps. This isolates what the platform adds around DP-SGD.
+- `bare-dp`: a minimal Message-API app written here, `flwr.serverapp.strategy.FedAvg` and a
+  ClientApp. The ClientApp trains the same model on the same tensors, which are exported once
+  from the site datasets. It runs a plain Opacus `make_private` loop at the same noise, clipping
+  bound, sample rate and number of steps, so the comparison shows what the platform adds
+  around DP-SGD.
 - `bare-sgd`: the same app with plain SGD, the same number of steps and batch size, no privacy.
 
 All three evaluate every site on its held-out patients each round, with the task's `evaluate`.
@@ -28,9 +29,11 @@ Flower 1.42's transport pushes (the deflated bytes of `get_all_nested_objects`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -619,6 +622,8 @@ def run_worker_process(
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
     log_file = result_file.with_suffix(".log")
     load_before = os.getloadavg()[0]
+
+    # Run the worker while sampling its memory; on timeout stop it and the Ray processes it started
     try:
         with log_file.open("w") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -626,9 +631,13 @@ def run_worker_process(
                 try:
                     code = process.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
-                    process.kill()
+                    for pid in reversed(process_tree(process.pid)):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
                     process.wait()
                     code = -9
+
+        # Read the worker's result file
         if code != 0 or result_file.stat().st_size == 0:
             tail = log_file.read_text(errors="replace")[-2000:]
             msg = f"{variant} worker failed with exit code {code}; log tail:\n{tail}"
@@ -637,6 +646,7 @@ def run_worker_process(
     finally:
         result_file.unlink(missing_ok=True)
         log_file.unlink(missing_ok=True)
+
     result["load_average_1min"] = [load_before, os.getloadavg()[0]]
     result["peak_rss_mib"] = sampler.peak_rss_kib / 1024
     result["peak_pss_mib"] = sampler.peak_pss_kib / 1024

@@ -44,7 +44,7 @@ class AuditInputError(ValueError):
 
 
 def _round_folder(path: Path) -> Path:
-    """Return `path` when it holds a manifest, else its highest `round-<n>` folder with one."""
+    """Return `path` when it contains a manifest, else its highest `round-<n>` folder with one."""
     if (path / _MANIFEST).is_file():
         return path
     rounds = [

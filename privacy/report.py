@@ -319,12 +319,14 @@ def _site_section(summary: LedgerSummary) -> str:
             f"<td>{escape(task.accountant.upper())}</td><td>{escape(task.privacy_unit)}</td>"
             f"<td>{compliance}</td></tr>"
         )
-    refusals = [
-        f"<li>{escape(task.task)}, {escape(str(item['label']))} ({escape(str(item['rule']))}): "
-        f"{escape(str(item['reason']))}</li>"
-        for task in summary.tasks.values()
-        for item in task.refusals
-    ]
+    refusals = []
+    for task in summary.tasks.values():
+        for item in task.refusals:
+            rule = f" (rule {escape(str(item['rule']))})" if item["rule"] else ""
+            refusals.append(
+                f"<li>{escape(task.task)}, {escape(str(item['label']))}{rule}: "
+                f"{escape(str(item['reason']))}</li>"
+            )
     total_cap = "none" if summary.epsilon_cap_total is None else f"{summary.epsilon_cap_total:g}"
     verification = _status(summary.verified, "verified", "FAILED", "not verified")
     return f"""
