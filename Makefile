@@ -18,8 +18,18 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+DEMO := demo-output
+DEMO_RUNS := $(DEMO)/runs
+
+# The whole chain on the synthetic cohort: the coordinator trains the three twin
+# submodels, site-1 builds one patient's twin, the stewards audit every ledger.
 demo: setup
-	$(VENV)/bin/fedtwin-coordinator demo --out demo-output
+	$(VENV)/bin/fedtwin-coordinator demo --out $(DEMO)
+	$(VENV)/bin/fedtwin-site predict --site-config $(DEMO)/consortium/site-1 --patient demo-s1-001 \
+		--checkpoint $(DEMO_RUNS)/demo-lab-forecast/round-3 --checkpoint $(DEMO_RUNS)/demo-crs-risk/round-3 \
+		--checkpoint $(DEMO_RUNS)/demo-cell-state/round-3 --out $(DEMO)/twin
+	$(VENV)/bin/fedtwin-steward report $(DEMO)/consortium/*/state/ledger.jsonl --out $(DEMO)/steward
+	@echo "Checkpoints: $(DEMO_RUNS)/<run>/round-3; patient twin: $(DEMO)/twin; steward report: $(DEMO)/steward/index.html"
 
 test: setup
 	$(PY) -m pytest -q -ra
