@@ -352,6 +352,17 @@ def _setup_section(results: list[TaskResult], setup: Setup) -> list[str]:
     return lines
 
 
+# The per-patient twin is scored by its own script; this page points to it.
+TWIN_SECTION = [
+    "## Per-patient twin",
+    "",
+    "Calibration of the twin's forecast intervals (split conformal on each site's held-out "
+    "patients), its accuracy against the global model alone and against last value carried "
+    "forward, and CRS risk Brier score and calibration slope on the real cohorts are in "
+    "docs/results-twin.md, written by `bench/bench_twin.py`.",
+]
+
+
 def render(results: list[TaskResult], plots: dict[str, Path], setup: Setup, doc: Path) -> str:
     """Return the whole docs/results.md text."""
     lines = [
@@ -367,4 +378,5 @@ def render(results: list[TaskResult], plots: dict[str, Path], setup: Setup, doc:
         lines += _task_section(result, plots[result.task], doc)
     lines += _privacy_section(results)
     lines += discussion(results)
+    lines += ["", *TWIN_SECTION]
     return "\n".join(lines).rstrip() + "\n"

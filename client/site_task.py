@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from client.dataset import SiteDataset, load_site_dataset
+from client.resend import Release, ReleaseStore, weights_sha256
 from client.site_config import SiteConfig
 from client.training import train_dp
 from models.examples import TaskExamples
@@ -95,7 +96,76 @@ class SiteTask:
         return model
 
     def train(self, state_dict: dict[str, torch.Tensor], settings: RoundSettings) -> SiteOutcome:
-        """Train the global model on the site's training patients with DP-SGD, budget permitting."""
+        """Train the global model on the site's training patients with DP-SGD, budget permitting.
+
+        A request for a (run, round) that the site already trained from the same global weights
+        gets the stored reply again, without training, accounting or a ledger entry. With other
+        global weights the site trains anew and accounts for a new release.
+        """
+        releases = ReleaseStore(self.config.state_dir, self.task.name)
+        global_sha256 = weights_sha256(state_dict)
+        stored = releases.load(settings.run_name, settings.server_round)
+        if stored is not None and stored.global_sha256 == global_sha256:
+            logger.info(
+                "Site %s resends its update for run %s round %d (same global weights); "
+                "no new privacy spend.",
+                self.site,
+                settings.run_name,
+                settings.server_round,
+            )
+            return _outcome_of(stored)
+        if stored is not None:
+            logger.warning(
+                "Site %s: run %s round %d was requested again with other global weights "
+                "(SHA-256 %s, first %s); training anew, which spends privacy budget again.",
+                self.site,
+                settings.run_name,
+                settings.server_round,
+                global_sha256[:12],
+                stored.global_sha256[:12],
+            )
+
+        outcome = self._train(state_dict, settings)
+        if outcome.status == Status.OK and outcome.state_dict is not None:
+            self._store_release(releases, settings, global_sha256, outcome)
+        return outcome
+
+    def _store_release(
+        self,
+        releases: ReleaseStore,
+        settings: RoundSettings,
+        global_sha256: str,
+        outcome: SiteOutcome,
+    ) -> None:
+        """Keep a trained round's reply for a repeated request; a failure only costs that."""
+        assert outcome.state_dict is not None
+        release = Release(
+            run_name=settings.run_name,
+            server_round=settings.server_round,
+            task=self.task.name,
+            global_sha256=global_sha256,
+            status=outcome.status,
+            message=outcome.message,
+            metrics=dict(outcome.metrics),
+            accountant=outcome.accountant,
+            ledger_entry=outcome.ledger_entry,
+            state_dict=outcome.state_dict,
+        )
+        try:
+            releases.save(release)
+        except OSError as err:
+            # The update is trained and accounted, so it is still sent. A repeat of this round
+            # would then be trained and accounted again.
+            logger.warning(
+                "Site %s could not store its update for run %s round %d (%s); a repeated "
+                "request for this round will be trained anew.",
+                self.site,
+                settings.run_name,
+                settings.server_round,
+                err,
+            )
+
+    def _train(self, state_dict: dict[str, torch.Tensor], settings: RoundSettings) -> SiteOutcome:
         examples, train_idx, _ = self.examples(settings.seed)
         if not train_idx:
             return SiteOutcome(
@@ -302,6 +372,18 @@ class SiteTask:
             if isinstance(value, int | float) and math.isfinite(float(value)):
                 metrics[name] = float(value)
         return SiteOutcome(Status.OK, "", metrics)
+
+
+def _outcome_of(release: Release) -> SiteOutcome:
+    """Return the reply a stored release was first sent as."""
+    return SiteOutcome(
+        release.status,
+        release.message,
+        dict(release.metrics),
+        dict(release.state_dict),
+        release.accountant,
+        ledger_entry=release.ledger_entry,
+    )
 
 
 def model_version(model: torch.nn.Module) -> str:

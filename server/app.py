@@ -110,7 +110,7 @@ def run_server(
     *,
     initial_arrays_fn: InitialArraysFn | None = None,
     node_wait_timeout: float = 600.0,
-    reply_timeout: float = 3600.0,
+    reply_timeout: float | None = None,
 ) -> FedTwinResult:
     """Run or resume the federated training that `run_config` describes.
 
@@ -128,7 +128,8 @@ def run_server(
         Seconds to wait for `min-sites` connected sites, before the first round and
         in each round.
     reply_timeout
-        Seconds to wait for the sites' replies in one train or evaluate step.
+        Seconds to wait for the sites' replies in one train or evaluate step; by default
+        the run config's `round-timeout`.
 
     Returns
     -------
@@ -177,7 +178,7 @@ def run_server(
         grid,
         numpy_to_arrays(arrays),
         num_rounds=run_config.num_server_rounds,
-        timeout=reply_timeout,
+        timeout=reply_timeout if reply_timeout is not None else run_config.round_timeout,
         start_round=start_round,
     )
 

@@ -82,6 +82,12 @@ SCHEMA: dict[str, ConfigKey] = {
     "min-sites": ConfigKey(
         int, 1, "Sites that must be connected before a round starts (count, at least 1)."
     ),
+    "round-timeout": ConfigKey(
+        float,
+        3600.0,
+        "Seconds the coordinator waits for the sites' replies in each train and each evaluate "
+        "step; a site that has not replied by then is left out of that step (greater than 0).",
+    ),
     "local-epochs": ConfigKey(
         int, 1, "Passes over the local patients per round at each site (count, at least 1)."
     ),
@@ -134,6 +140,7 @@ class RunConfig:
     trim_fraction: float = SCHEMA["trim-fraction"].default
     fraction_train: float = SCHEMA["fraction-train"].default
     min_sites: int = SCHEMA["min-sites"].default
+    round_timeout: float = SCHEMA["round-timeout"].default
     local_epochs: int = SCHEMA["local-epochs"].default
     learning_rate: float = SCHEMA["learning-rate"].default
     noise_multiplier: float = SCHEMA["noise-multiplier"].default
@@ -183,6 +190,7 @@ def _check_range(config: RunConfig) -> None:
         ("strategy", config.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
         ("num-server-rounds", config.num_server_rounds >= 1, "at least 1"),
         ("min-sites", config.min_sites >= 1, "at least 1"),
+        ("round-timeout", config.round_timeout > 0.0, "greater than 0"),
         ("local-epochs", config.local_epochs >= 1, "at least 1"),
         ("seed", config.seed >= 0, "at least 0"),
         ("proximal-mu", config.proximal_mu >= 0.0, "at least 0"),

@@ -236,6 +236,9 @@ class FedTwinStrategy(Strategy):
         self._global_record: ArrayRecord | None = None
         self._record: RoundRecord | None = None
         self._sampled: dict[str, list[int]] = {}
+        # Site names by node id, learned from replies, to name a site that later sends none.
+        self._site_names: dict[int, str] = {}
+        self.round_timeout = run_config.round_timeout
 
     def summary(self) -> None:
         """Log the aggregation rule and the settings that shape a round."""
@@ -337,6 +340,8 @@ class FedTwinStrategy(Strategy):
             privacy_unit=_text(reply, Reply.PRIVACY_UNIT),
             ledger_entry=_ledger_entry(reply, node_id),
         )
+        if _text(reply, Reply.SITE):
+            self._site_names[node_id] = entry.site
         return entry, metrics
 
     def _check_update(
@@ -504,20 +509,29 @@ class FedTwinStrategy(Strategy):
     def _log_missing_replies(
         self, record: RoundRecord, replies: list[Message], message_type: str
     ) -> None:
-        """Record the sampled nodes that sent no reply before the timeout."""
+        """Record the sampled nodes that sent no reply within the round timeout."""
         replied = {message.metadata.src_node_id for message in replies}
         for node_id in self._sampled.get(message_type, []):
             if node_id in replied:
                 continue
+            site = self._site_names.get(node_id)
             logger.warning(
-                "Round %d: node %d sent no %s reply before the timeout.",
+                "Round %d: %s sent no %s reply within the round timeout of %g s; "
+                "it is left out of this step.",
                 record.server_round,
-                node_id,
+                f"site {site} (node {node_id})" if site else f"node {node_id}",
                 message_type,
+                self.round_timeout,
             )
-            record.errors.append(
-                {"phase": message_type, "node-id": node_id, "code": None, "reason": "no reply"}
-            )
+            error: dict[str, Any] = {
+                "phase": message_type,
+                "node-id": node_id,
+                "code": None,
+                "reason": "no reply",
+            }
+            if site:
+                error["site"] = site
+            record.errors.append(error)
 
     def _log_privacy(self, record: RoundRecord, entry: SiteEntry) -> None:
         if entry.epsilon_total is None:
@@ -624,7 +638,7 @@ class FedTwinStrategy(Strategy):
         grid: Grid,
         initial_arrays: ArrayRecord,
         num_rounds: int = 3,
-        timeout: float = 3600,
+        timeout: float | None = None,
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
@@ -643,7 +657,8 @@ class FedTwinStrategy(Strategy):
         num_rounds
             Last round to run.
         timeout
-            Seconds to wait for the replies of one train or evaluate step.
+            Seconds to wait for the replies of one train or evaluate step; by default the
+            run config's `round-timeout`.
         train_config, evaluate_config
             Config sent to sites; by default `config_record()`.
         evaluate_fn
@@ -656,6 +671,9 @@ class FedTwinStrategy(Strategy):
         FedTwinResult
             Final arrays, metrics per round and the per-round history.
         """
+        if timeout is not None:
+            self.round_timeout = timeout
+        timeout = self.round_timeout
         train_config = train_config if train_config is not None else self.config_record()
         evaluate_config = evaluate_config if evaluate_config is not None else self.config_record()
         result = FedTwinResult(arrays=initial_arrays)

@@ -103,6 +103,8 @@ class Deployment:
     env: dict[str, str]
     certs: Path
     supernodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    superlink: subprocess.Popen[bytes] | None = None
+    superlink_command: list[str] = field(default_factory=list)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
@@ -241,6 +243,8 @@ def deployment(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     running = Deployment(root, port, env, certs)
     try:
         superlink = running.start(command, "superlink.log")
+        running.superlink = superlink
+        running.superlink_command = command
         _wait_for_tls(port, certs / "ca.crt", superlink)
         write_connection(root / "flwr-home", running.address, certs / "ca.crt", name=CONNECTION)
 
@@ -453,3 +457,79 @@ def test_site_killed_mid_run(deployment: Deployment) -> None:
     key = deployment.root / "keys" / "site-3" / "site.key"
     deployment.supernodes["site-3"] = deployment.join("site-3", key, "supernode-site-3-rejoin.log")
     _wait_online(deployment, len(SITES))
+
+
+def _released_sites(deployment: Deployment, run_name: str, server_round: int) -> set[str]:
+    """Return the sites that stored their reply to (run, round) of lab-forecast."""
+    from client.resend import ReleaseStore
+
+    released = set()
+    for site in SITES:
+        store = ReleaseStore(deployment.root / "sites" / site / "state", "lab-forecast")
+        json_path, _ = store.paths(run_name, server_round)
+        if json_path.is_file():
+            released.add(site)
+    return released
+
+
+def test_coordinator_killed_mid_round(deployment: Deployment) -> None:
+    from privacy.accountant import AccountantStore
+    from privacy.keys import load_public_key
+    from privacy.ledger import verify_ledger
+
+    runs = deployment.root / "runs"
+    run_name = "coordinator-fault"
+    run_config = (
+        f"task='lab-forecast' num-server-rounds=2 runs-dir='{runs}' run-name='{run_name}' "
+        "min-sites=3 consortium=''"
+    )
+    command = [str(BIN / "flwr"), "run", ".", CONNECTION, "--run-config", run_config, "--stream"]
+    run = deployment.start(command, "flwr-run-coordinator-fault.log")
+
+    # Every site has trained round 2: kill the SuperLink and its ServerApp before checkpoint 2
+    deadline = time.monotonic() + 420
+    while _released_sites(deployment, run_name, 2) != set(SITES):
+        assert time.monotonic() < deadline, "the sites did not train round 2 in time"
+        assert run.poll() is None, deployment.log("flwr-run-coordinator-fault.log")[-3000:]
+        time.sleep(0.2)
+    assert deployment.superlink is not None
+    _stop(deployment.superlink)
+    _stop(run)
+    assert not (runs / run_name / "round-2").exists(), "checkpoint 2 was written before the kill"
+    spent = {
+        site: AccountantStore(deployment.root / "sites" / site / "state", "lab-forecast").rounds()
+        for site in SITES
+    }
+
+    # Restart the SuperLink on the same database; SuperNodes that gave up rejoin
+    deployment.superlink = deployment.start(deployment.superlink_command, "superlink-restart.log")
+    _wait_for_tls(deployment.port, deployment.certs / "ca.crt", deployment.superlink)
+    for site in SITES:
+        if deployment.supernodes[site].poll() is not None:
+            key = deployment.root / "keys" / site / "site.key"
+            deployment.supernodes[site] = deployment.join(site, key, f"supernode-{site}-re.log")
+    _wait_online(deployment, len(SITES))
+
+    # The same run name resumes from checkpoint 1 and requests round 2 again
+    again = deployment.start(command, "flwr-run-coordinator-fault-resume.log")
+    code = again.wait(timeout=420)
+
+    assert code == 0, deployment.log("flwr-run-coordinator-fault-resume.log")[-3000:]
+    manifest = json.loads((runs / run_name / "round-2" / "manifest.json").read_text())
+    assert manifest["aggregated"] is True
+    assert {entry["site"] for entry in manifest["sites"]} == set(SITES)
+    for entry in manifest["sites"]:
+        site = entry["site"]
+        state = deployment.root / "sites" / site / "state"
+        rounds = AccountantStore(state, "lab-forecast").rounds()
+        assert rounds == spent[site], site
+        assert [r.server_round for r in rounds if r.run_name == run_name] == [1, 2], site
+
+        verification = verify_ledger(
+            state / "ledger.jsonl", load_public_key(state / "site-key.pub")
+        )
+        assert verification.intact, verification.problem
+        round_two = [e for e in verification.entries if e["run_id"] == run_name and e["round"] == 2]
+        assert len(round_two) == 1, site
+        assert entry["status"] == "ok", entry
+        assert entry["ledger-entry"] == round_two[0], site

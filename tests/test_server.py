@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import queue
+import re
+import threading
+import time
 import tomllib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -98,6 +102,8 @@ def test_run_config_converts_strings() -> None:
         ("noise-multiplier", float("nan")),
         ("run-name", "../escape"),
         ("task", 3),
+        ("round-timeout", 0.0),
+        ("round-timeout", -5),
     ],
     ids=lambda item: str(item),
 )
@@ -113,6 +119,15 @@ def test_pyproject_matches_schema() -> None:
     for key, value in config.items():
         assert value == SCHEMA[key].default, key
         assert type(value) is SCHEMA[key].type, key
+
+
+def test_docs_match_schema() -> None:
+    text = (REPO_ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([a-z-]+)` \| (\w+) \| `([^`]*)` \|", text, flags=re.MULTILINE)
+    assert [key for key, _, _ in rows] == list(SCHEMA)
+    for key, type_name, default in rows:
+        assert type_name == SCHEMA[key].type.__name__, key
+        assert tomllib.loads(f"value = {default}")["value"] == SCHEMA[key].default, key
 
 
 def test_run_config_to_dict() -> None:
@@ -676,7 +691,7 @@ def test_aggregate_train_missing_reply(tmp_path: Path, caplog: pytest.LogCapture
     assert arrays is not None
     errors = strategy._round_record(1).errors
     assert errors == [{"phase": "train", "node-id": 3, "code": None, "reason": "no reply"}]
-    assert "node 3 sent no train reply" in caplog.text
+    assert "node 3 sent no train reply within the round timeout of 3600 s" in caplog.text
 
 
 def test_wait_for_nodes_timeout() -> None:
@@ -704,3 +719,84 @@ def test_run_server_completed_run(tmp_path: Path) -> None:
     assert empty.sent == []
     final = arrays_to_numpy(again.arrays)
     np.testing.assert_allclose(final["layer.bias"], [0.15, 0.15], rtol=1e-6)
+
+
+class ThreadedGrid(LoopbackGrid):
+    """Grid whose sites answer in threads; replies later than the timeout are left out."""
+
+    def __init__(self, sites: dict[int, SiteFn]) -> None:
+        super().__init__(sites)
+        self.timeouts: list[float | None] = []
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        self.timeouts.append(timeout)
+        replies: queue.Queue[Message] = queue.Queue()
+        messages = list(messages)
+        for message in messages:
+            self.sent.append(message)
+            site = self.sites[message.metadata.dst_node_id]
+            worker = threading.Thread(
+                target=lambda m=message, f=site: replies.put(f(m)), daemon=True
+            )
+            worker.start()
+
+        deadline = time.monotonic() + (timeout if timeout is not None else 60.0)
+        received: list[Message] = []
+        while len(received) < len(messages):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                received.append(replies.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return received
+
+
+def test_round_timeout_drops_slow_site(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    release = threading.Event()
+    fast_c = site_function("site-c", 0.3, 30)
+
+    def slow_c(message: Message) -> Message:
+        # site-c replies in round 1, then takes longer than the round timeout to train round 2
+        if message.metadata.message_type == "train" and message.metadata.group_id == "2":
+            release.wait(timeout=10.0)
+        return fast_c(message)
+
+    grid = ThreadedGrid(
+        {1: site_function("site-a", 0.1, 10), 2: site_function("site-b", 0.2, 20), 3: slow_c}
+    )
+    raw = {"runs-dir": str(tmp_path), "run-name": "slow", "num-server-rounds": 2}
+    raw["round-timeout"] = 1.5
+    try:
+        with caplog.at_level(logging.WARNING, logger="server.strategy"):
+            result = run_server(
+                grid, parse_run_config(raw), initial_arrays_fn=lambda c, s: global_arrays()
+            )
+    finally:
+        release.set()
+
+    assert grid.timeouts == [1.5, 1.5, 1.5, 1.5]
+    first, second = result.history
+    assert first.num_updates == 3
+    assert first.errors == []
+    assert second.aggregated is True
+    assert second.num_updates == 2
+    assert {entry.site for entry in second.sites} == {"site-a", "site-b"}
+    expected = {
+        "phase": "train",
+        "node-id": 3,
+        "code": None,
+        "reason": "no reply",
+        "site": "site-c",
+    }
+    assert second.errors == [expected]
+    assert "site site-c (node 3) sent no train reply within the round timeout of 1.5 s" in (
+        caplog.text
+    )
+
+    manifest = json.loads((tmp_path / "slow" / "round-2" / "manifest.json").read_text())
+    assert manifest["errors"] == [expected]
+    assert len(manifest["evaluate-sites"]) == 3
