@@ -722,7 +722,7 @@ def test_run_server_completed_run(tmp_path: Path) -> None:
 
 
 class ThreadedGrid(LoopbackGrid):
-    """Grid whose sites answer in threads; replies later than the timeout are left out."""
+    """Grid whose sites reply in threads; replies later than the timeout are left out."""
 
     def __init__(self, sites: dict[int, SiteFn]) -> None:
         super().__init__(sites)
