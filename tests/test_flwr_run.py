@@ -57,8 +57,10 @@ def test_flwr_run_repository_root(tmp_path: Path) -> None:
 
     try:
         completed = subprocess.run(
-            [flwr, "run", ".", "fedtwin-sim", "--stream", "--federation-config", "num-supernodes=3"]
-            + ["--run-config", run_config],
+            [
+                *(flwr, "run", ".", "fedtwin-sim", "--stream"),
+                *("--federation-config", "num-supernodes=3", "--run-config", run_config),
+            ],
             cwd=REPO_ROOT,
             env=env,
             capture_output=True,
