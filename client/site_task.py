@@ -46,7 +46,7 @@ class RoundSettings:
 
 @dataclass
 class SiteOutcome:
-    """What a site sends back: a status, a one-line message, metrics and maybe weights."""
+    """A site's reply: a status, a one-line message, metrics and, after training, weights."""
 
     status: str
     message: str = ""
@@ -268,9 +268,9 @@ class SiteTask:
         steps: int,
         train_idx: list[int],
     ) -> SiteOutcome:
-        """Record a rejected round in the ledger and build the reply that says why."""
+        """Record a rejected round in the ledger and build the reply that gives the reason."""
         logger.warning(
-            "Site %s refused round %d: %s", self.site, settings.server_round, decision.reason
+            "Site %s rejected round %d: %s", self.site, settings.server_round, decision.reason
         )
         projected: float | None = None
         if decision.rule == "epsilon-cap":
