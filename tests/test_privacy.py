@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from privacy.accountant import SECURE_RNG, AccountantStateError, AccountantStore, state_file
+from privacy.accountant import (
+    SECURE_RNG,
+    AccountantStateError,
+    AccountantStore,
+    epsilon_of_history,
+    state_file,
+)
 from privacy.budget import check_round, default_delta, noise_for_target
 from privacy.cli import main
 
@@ -411,3 +417,14 @@ def test_cli_restores_logging(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert root.handlers == handlers
     assert root.level == level
     assert "No accountant files" in capsys.readouterr().out
+
+
+def test_rdp_merged_history_equals_opacus() -> None:
+    """Merging equal mechanisms before accounting gives Opacus' ε of the round-by-round history."""
+    history = [(1.0, 0.5, 2)] * 12 + [(1.5, 0.25, 4)] * 3 + [(1.0, 0.5, 2)] * 5
+    reference = RDPAccountant()
+    reference.history = list(history)
+
+    merged = epsilon_of_history("rdp", history, 1e-5)
+
+    assert merged == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
