@@ -8,6 +8,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.secure_app import secure_aggregation_mod
 from client.site_config import SiteConfigError
 from client.site_lookup import resolve_site
 from client.site_task import RoundSettings, SiteOutcome, SiteTask
@@ -20,7 +21,9 @@ __all__ = ["app"]
 
 logger = logging.getLogger(__name__)
 
-app = ClientApp()
+# The mod runs SecAgg+ train messages (run config secure-aggregation = true) through its own
+# legacy-format handler and passes every other message to the handlers below unchanged.
+app = ClientApp(mods=[secure_aggregation_mod])
 
 # One SiteTask per (site.toml, task) in this process, so the dataset is read once per run.
 _TASKS: dict[tuple[str, str], SiteTask] = {}

@@ -163,6 +163,23 @@ def run_server(
     else:
         logger.info("Starting run %s in %s.", run_name, run_dir)
 
+    if run_config.secure_aggregation:
+        # Imported here: the SecAgg+ workflow is only needed in this mode.
+        from server.secure import run_secure
+
+        return run_secure(
+            grid,
+            run_config,
+            arrays,
+            spec_sha256=spec.sha256,
+            run_name=run_name,
+            run_dir=run_dir,
+            start_round=start_round,
+            optimizer_state=optimizer_state,
+            node_wait_timeout=node_wait_timeout,
+            reply_timeout=reply_timeout,
+        )
+
     # Wait for the sites, then run the rounds
     if start_round <= run_config.num_server_rounds:
         wait_for_nodes(grid, run_config.min_sites, node_wait_timeout)

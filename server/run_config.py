@@ -121,6 +121,41 @@ SCHEMA: dict[str, ConfigKey] = {
         "above 10 times the median norm of the round's other updates (with 3 or more updates).",
     ),
     "seed": ConfigKey(int, 0, "Seed of site sampling and of the sites' model initialisation."),
+    "secure-aggregation": ConfigKey(
+        bool,
+        False,
+        "Aggregate with Flower's SecAgg+ protocol, so the coordinator sees only the sum of the "
+        "sites' updates; per-update validation is then impossible.",
+    ),
+    "secagg-num-shares": ConfigKey(
+        float,
+        1.0,
+        "SecAgg+ shares of each site's secret key: a fraction (0 to 1] of the sampled sites, or "
+        "a whole count of at least 3.",
+    ),
+    "secagg-reconstruction-threshold": ConfigKey(
+        float,
+        0.5,
+        "SecAgg+ shares needed to rebuild a secret: a fraction (0 to 1] of secagg-num-shares, "
+        "or a whole count of at least 2 below secagg-num-shares.",
+    ),
+    "secagg-clipping-range": ConfigKey(
+        float,
+        8.0,
+        "SecAgg+ clips each patient-weighted update coordinate to [-range, range] before "
+        "quantization (greater than 0).",
+    ),
+    "secagg-quantization-range": ConfigKey(
+        int,
+        4194304,
+        "SecAgg+ quantization levels of one coordinate (count, 2 to 2**30).",
+    ),
+    "secagg-max-weight": ConfigKey(
+        float,
+        1000.0,
+        "SecAgg+ weight scale: a site's update is multiplied by its patients divided by this "
+        "value before clipping (patients, greater than 0).",
+    ),
 }
 
 
@@ -149,6 +184,12 @@ class RunConfig:
     target_epsilon_per_round: float = SCHEMA["target-epsilon-per-round"].default
     max_update_norm: float = SCHEMA["max-update-norm"].default
     seed: int = SCHEMA["seed"].default
+    secure_aggregation: bool = SCHEMA["secure-aggregation"].default
+    secagg_num_shares: float = SCHEMA["secagg-num-shares"].default
+    secagg_reconstruction_threshold: float = SCHEMA["secagg-reconstruction-threshold"].default
+    secagg_clipping_range: float = SCHEMA["secagg-clipping-range"].default
+    secagg_quantization_range: int = SCHEMA["secagg-quantization-range"].default
+    secagg_max_weight: float = SCHEMA["secagg-max-weight"].default
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config with its kebab-case keys, as pyproject.toml spells them."""
@@ -157,6 +198,9 @@ class RunConfig:
 
 def _convert(key: str, value: Any, expected: type) -> Any:
     """Convert one raw value (TOML scalar or command-line string) to the schema's type."""
+    if expected is bool:
+        return _convert_bool(key, value)
+
     if isinstance(value, bool):
         msg = f"Run config key {key!r} must be a {expected.__name__}, got the boolean {value!r}."
         raise RunConfigError(msg)
@@ -181,6 +225,72 @@ def _convert(key: str, value: Any, expected: type) -> Any:
             raise RunConfigError(msg)
         return int(number)
     return float(number)
+
+
+def _convert_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    msg = f"Run config key {key!r} must be true or false, got {value!r}."
+    raise RunConfigError(msg)
+
+
+def _share_setting_valid(value: float, minimum: int) -> bool:
+    """Check that a SecAgg+ share setting is a fraction in (0, 1] or a whole count >= minimum."""
+    if 0.0 < value <= 1.0:
+        return True
+    return value >= minimum and float(value).is_integer()
+
+
+def _check_secure_aggregation(config: RunConfig) -> list[tuple[str, bool, str]]:
+    """Return the range checks of the secagg-* keys and of the keys secure aggregation excludes."""
+    checks: list[tuple[str, bool, str]] = [
+        (
+            "secagg-num-shares",
+            _share_setting_valid(config.secagg_num_shares, 3),
+            "a fraction greater than 0 and at most 1, or a whole number of at least 3",
+        ),
+        (
+            "secagg-reconstruction-threshold",
+            _share_setting_valid(config.secagg_reconstruction_threshold, 2),
+            "a fraction greater than 0 and at most 1, or a whole number of at least 2",
+        ),
+        ("secagg-clipping-range", config.secagg_clipping_range > 0.0, "greater than 0"),
+        (
+            "secagg-quantization-range",
+            2 <= config.secagg_quantization_range <= 2**30,
+            "at least 2 and at most 2**30",
+        ),
+        ("secagg-max-weight", config.secagg_max_weight > 0.0, "greater than 0"),
+    ]
+    if config.secagg_num_shares > 1.0 and config.secagg_reconstruction_threshold > 1.0:
+        checks.append(
+            (
+                "secagg-reconstruction-threshold",
+                config.secagg_reconstruction_threshold < config.secagg_num_shares,
+                "below secagg-num-shares",
+            )
+        )
+    if config.secure_aggregation:
+        # The coordinator sees only the sum, so rules and bounds that need each update are out.
+        checks.append(
+            (
+                "strategy",
+                config.strategy != "trimmed-mean",
+                "fedavg, fedprox or fedadam when secure-aggregation is true (trimmed-mean "
+                "needs each site's update)",
+            )
+        )
+        checks.append(
+            (
+                "max-update-norm",
+                config.max_update_norm == 0.0,
+                "0 when secure-aggregation is true (the coordinator cannot see single updates "
+                "to bound their norm)",
+            )
+        )
+    return checks
 
 
 def _check_range(config: RunConfig) -> None:
@@ -210,6 +320,7 @@ def _check_range(config: RunConfig) -> None:
             "empty or letters, digits, '.', '_' and '-' starting with a letter or digit",
         ),
     ]
+    checks.extend(_check_secure_aggregation(config))
     for key, valid, expected in checks:
         if not valid:
             value = config.to_dict()[key]
