@@ -332,7 +332,8 @@ def _fixes(results: list[TaskResult]) -> list[str]:
         "- **Secure aggregation with central DP.** If the sites' updates were summed under "
         "secure aggregation and the noise drawn once at the server, it would be divided among "
         "all the consortium's patients instead of each site's: the central-DP column. "
-        "fedtwin does not have secure aggregation yet.",
+        "fedtwin has secure aggregation (SecAgg+, run config `secure-aggregation`), but each "
+        "site still adds its own noise: central DP on the secure sum is not built.",
         "- **Fewer trainable parameters, from public pretraining.** The noise grows with √d. "
         "Pretraining on public or synthetic data (for lab-forecast, the synthetic demo cohort "
         "or a public EHR extract) and then training only a small head with DP at the sites "
