@@ -416,6 +416,54 @@ def test_flwr_run_two_rounds(deployment: Deployment) -> None:
         assert len(verification.entries) >= 2
 
 
+def test_flwr_run_secure(deployment: Deployment) -> None:
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from privacy.accountant import AccountantStore
+    from privacy.keys import load_public_key
+    from privacy.ledger import verify_ledger
+
+    runs = deployment.root / "runs"
+    run_config = (
+        f"task='lab-forecast' num-server-rounds=2 runs-dir='{runs}' run-name='secure' "
+        "min-sites=3 consortium='' secure-aggregation=true"
+    )
+
+    completed = _flwr(
+        deployment, "run", ".", CONNECTION, "--run-config", run_config, "--stream", timeout=420
+    )
+
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    for server_round in (1, 2):
+        round_dir = runs / "secure" / f"round-{server_round}"
+        manifest = json.loads((round_dir / "manifest.json").read_text())
+        secure = manifest["secure-aggregation"]
+        assert secure["enabled"] is True
+        assert secure["halted"] is False
+        assert manifest["aggregated"] is True
+        assert manifest["num-updates"] == len(SITES)
+        assert {entry["site"] for entry in manifest["sites"]} == set(SITES)
+        for entry in manifest["sites"]:
+            assert entry["status"] == "ok", entry
+            assert entry["epsilon-round"] > 0, entry
+            assert entry["epsilon-total"] >= entry["epsilon-round"], entry
+            assert 0 < entry["delta"] < 1, entry
+        weights = load_file(str(round_dir / "weights.safetensors"))
+        assert weights
+        assert all(np.all(np.isfinite(array)) for array in weights.values())
+
+    for site in SITES:
+        state = deployment.root / "sites" / site / "state"
+        rounds = AccountantStore(state, "lab-forecast").rounds()
+        assert [r.server_round for r in rounds if r.run_name == "secure"] == [1, 2]
+        verification = verify_ledger(
+            state / "ledger.jsonl", load_public_key(state / "site-key.pub")
+        )
+        assert verification.intact, verification.problem
+        assert [e["round"] for e in verification.entries if e["run_id"] == "secure"] == [1, 2]
+
+
 def _wait_for_file(path: Path, process: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,4 +1,4 @@
-"""FHIR readers: real Bulk Data folders and Bundles, and the bad-input corpus in tests/data/bad."""
+"""FHIR readers: real Bulk Data folders and Bundles, and the bad-input corpus in tests/fixtures/bad."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from client.fhir.dates import DateError, add_site_offset, parse_fhir_time, site_
 from client.fhir.extract import patient_id_of
 from models.spec import FeatureSpec, load_spec
 
-BAD = Path(__file__).parent / "data" / "bad"
+BAD = Path(__file__).parent / "fixtures" / "bad"
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from client.dataset import load_site_dataset
 from client.site_config import SiteConfig
 from models.spec import FeatureSpec, load_spec
 
-BAD = Path(__file__).parent / "data" / "bad"
+BAD = Path(__file__).parent / "fixtures" / "bad"
 
 
 @pytest.fixture(scope="module")
