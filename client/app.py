@@ -13,9 +13,7 @@ from client.site_config import SiteConfigError
 from client.site_lookup import resolve_site
 from client.site_task import RoundSettings, SiteOutcome, SiteTask
 from models.spec import SpecError
-from models.wire import ARRAYS, CONFIG, METRICS, REPLY, Config, Reply, Status
-from privacy.accountant import SECURE_RNG
-from privacy.ledger import canonical_json
+from models.wire import ARRAYS, CONFIG, METRICS, REPLY, Config, Status
 
 __all__ = ["app"]
 
@@ -67,20 +65,7 @@ def _reply(msg: Message, outcome: SiteOutcome, site: str, spec_sha256: str) -> M
     if outcome.state_dict is not None:
         content[ARRAYS] = ArrayRecord(outcome.state_dict)
     content[METRICS] = MetricRecord(dict(outcome.metrics))
-    reply: dict[str, Any] = {
-        Reply.STATUS: outcome.status,
-        Reply.SITE: site,
-        Reply.MESSAGE: outcome.message,
-        Reply.SPEC_SHA256: spec_sha256,
-        Reply.ACCOUNTANT: outcome.accountant,
-        Reply.SECURE_RNG: SECURE_RNG,
-        Reply.PRIVACY_UNIT: "patient",
-    }
-    if outcome.ledger_entry is not None:
-        # The signed entry goes as canonical JSON text, so the coordinator stores exactly the
-        # content whose Ed25519 signature the steward verifies.
-        reply[Reply.LEDGER_ENTRY] = canonical_json(outcome.ledger_entry).decode("ascii")
-    content[REPLY] = ConfigRecord(reply)
+    content[REPLY] = ConfigRecord(outcome.reply_fields(site, spec_sha256))
     return Message(content=content, reply_to=msg)
 
 

@@ -30,9 +30,7 @@ from client.site_config import SiteConfigError
 from client.site_lookup import resolve_site
 from client.site_task import RoundSettings, SiteOutcome, SiteTask
 from models.spec import SpecError
-from models.wire import Config, Metric, Reply, Status
-from privacy.accountant import SECURE_RNG
-from privacy.ledger import canonical_json
+from models.wire import Config, Metric, Status
 
 __all__ = ["secure_aggregation_mod", "train_legacy"]
 
@@ -134,19 +132,7 @@ def _update(
 def _reply_metrics(outcome: SiteOutcome, site: str, spec_sha256: str) -> dict[str, Any]:
     """Join the site's metrics and reply fields into the FitRes metrics, which travel in clear."""
     metrics: dict[str, Any] = {key: float(value) for key, value in outcome.metrics.items()}
-    metrics.update(
-        {
-            Reply.STATUS: outcome.status,
-            Reply.SITE: site,
-            Reply.MESSAGE: outcome.message,
-            Reply.SPEC_SHA256: spec_sha256,
-            Reply.ACCOUNTANT: outcome.accountant,
-            Reply.SECURE_RNG: SECURE_RNG,
-            Reply.PRIVACY_UNIT: "patient",
-        }
-    )
-    if outcome.ledger_entry is not None:
-        metrics[Reply.LEDGER_ENTRY] = canonical_json(outcome.ledger_entry).decode("ascii")
+    metrics.update(outcome.reply_fields(site, spec_sha256))
     return metrics
 
 

@@ -17,10 +17,10 @@ from client.training import train_dp
 from models.examples import TaskExamples
 from models.spec import FeatureSpec, load_spec
 from models.tasks import get_task, split_patients
-from models.wire import Metric, Status
+from models.wire import Metric, Reply, Status
 from privacy.accountant import SECURE_RNG, AccountantStore, epsilon_of_history, site_histories
 from privacy.budget import BudgetDecision, check_policy, noise_for_target, policy_delta
-from privacy.ledger import LedgerRecord, SiteLedger
+from privacy.ledger import LedgerRecord, SiteLedger, canonical_json
 from privacy.policy import round_patients
 
 __all__ = ["RoundSettings", "SiteOutcome", "SiteTask"]
@@ -54,6 +54,23 @@ class SiteOutcome:
     state_dict: dict[str, torch.Tensor] | None = None
     accountant: str = ""
     ledger_entry: dict[str, Any] | None = None
+
+    def reply_fields(self, site: str, spec_sha256: str) -> dict[str, Any]:
+        """Return the reply's status and privacy fields, keyed by `models.wire.Reply` names."""
+        fields: dict[str, Any] = {
+            Reply.STATUS: self.status,
+            Reply.SITE: site,
+            Reply.MESSAGE: self.message,
+            Reply.SPEC_SHA256: spec_sha256,
+            Reply.ACCOUNTANT: self.accountant,
+            Reply.SECURE_RNG: SECURE_RNG,
+            Reply.PRIVACY_UNIT: "patient",
+        }
+        if self.ledger_entry is not None:
+            # The signed entry goes as canonical JSON text, so the coordinator stores exactly
+            # the content whose Ed25519 signature the steward verifies.
+            fields[Reply.LEDGER_ENTRY] = canonical_json(self.ledger_entry).decode("ascii")
+        return fields
 
 
 class SiteTask:

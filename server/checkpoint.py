@@ -190,6 +190,7 @@ def write_checkpoint(
     task: str,
     spec_sha256: str,
     optimizer_state: Mapping[str, np.ndarray] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the global arrays and manifest of one round; return the round folder.
 
@@ -205,16 +206,20 @@ def write_checkpoint(
         Identity of the run, stored in the manifest.
     optimizer_state
         Server optimizer arrays to store beside the weights, if any.
+    extra
+        More top-level manifest fields, such as `secure-aggregation`; they must be
+        JSON-serializable and must not reuse a field name that this function writes.
 
     Returns
     -------
     Path
         The round folder.
-    """
-    round_dir = Path(run_dir) / f"round-{record.server_round}"
-    round_dir.mkdir(parents=True, exist_ok=True)
 
-    weights_sha256 = _save_arrays(round_dir / WEIGHTS_FILE, arrays)
+    Raises
+    ------
+    ValueError
+        If a key of `extra` is a field name that this function writes itself.
+    """
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "run-name": run_name,
@@ -224,7 +229,7 @@ def write_checkpoint(
         "task": task,
         "feature-spec-sha256": spec_sha256,
         "run-config": dict(run_config),
-        "weights": {"file": WEIGHTS_FILE, "sha256": weights_sha256},
+        "weights": None,
         "aggregated": record.aggregated,
         "num-updates": record.num_updates,
         "train-metrics": record.train_metrics,
@@ -234,9 +239,20 @@ def write_checkpoint(
         "errors": record.errors,
         "evaluate-sites": record.evaluate_sites,
     }
+    taken = sorted(set(extra or {}) & (set(manifest) | {"server-optimizer"}))
+    if taken:
+        msg = f"write_checkpoint: extra manifest fields {taken} would replace fields it writes."
+        raise ValueError(msg)
+
+    # Files first, the manifest last: a round folder without a manifest is an interrupted write
+    round_dir = Path(run_dir) / f"round-{record.server_round}"
+    round_dir.mkdir(parents=True, exist_ok=True)
+    weights_sha256 = _save_arrays(round_dir / WEIGHTS_FILE, arrays)
+    manifest["weights"] = {"file": WEIGHTS_FILE, "sha256": weights_sha256}
     if optimizer_state:
         optimizer_sha256 = _save_arrays(round_dir / OPTIMIZER_FILE, optimizer_state)
         manifest["server-optimizer"] = {"file": OPTIMIZER_FILE, "sha256": optimizer_sha256}
+    manifest.update(extra or {})
 
     text = json.dumps(_json_safe(manifest), indent=2, allow_nan=False) + "\n"
     _atomic_write(round_dir / MANIFEST_FILE, text.encode("utf-8"))

@@ -17,9 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -46,7 +44,7 @@ from flwr.serverapp import Grid
 
 from models.wire import Config, Metric, Reply, Status
 from server.aggregation import NDArrays, ServerAdam
-from server.checkpoint import MANIFEST_FILE, RoundRecord, SiteEntry, write_checkpoint
+from server.checkpoint import RoundRecord, SiteEntry, write_checkpoint
 from server.run_config import RunConfig
 from server.strategy import (
     PRIVACY_METRICS,
@@ -181,9 +179,7 @@ class SecureFedAvg(FedAvg):
 
     def record(self, server_round: int) -> RoundRecord:
         """Return the record of fedtwin round `server_round`, shared with the evaluate step."""
-        # NOTE: uses FedTwinStrategy's private record accessor so that the train side here
-        # and its evaluate step write one RoundRecord per round.
-        return self.evaluator._round_record(server_round)
+        return self.evaluator.round_record(server_round)
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """Return the global arrays to start from, in state_dict order."""
@@ -376,24 +372,6 @@ def secure_aggregation_manifest(run_config: RunConfig, *, halted: bool) -> dict[
     }
 
 
-def _add_to_manifest(round_dir: Path, key: str, value: Any) -> None:
-    """Add one field to a written manifest, replacing the file atomically."""
-    path = round_dir / MANIFEST_FILE
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    manifest[key] = value
-    data = (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode("utf-8")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=round_dir)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 class _EvaluateAndCheckpoint:
     """DefaultWorkflow's evaluate step: Message-API evaluation, then the round's checkpoint."""
 
@@ -440,7 +418,7 @@ class _EvaluateAndCheckpoint:
         if server_round in strategy.train_metrics:
             self.result.train_metrics_clientapp[server_round] = strategy.train_metrics[server_round]
 
-        # Checkpoint, with the secure-aggregation facts added to the manifest
+        # Checkpoint, with the secure-aggregation facts in the manifest
         round_dir = write_checkpoint(
             self.run_dir,
             record,
@@ -452,11 +430,11 @@ class _EvaluateAndCheckpoint:
             optimizer_state=(
                 strategy.server_optimizer.state_arrays() if strategy.server_optimizer else None
             ),
-        )
-        _add_to_manifest(
-            round_dir,
-            "secure-aggregation",
-            secure_aggregation_manifest(strategy.run_config, halted=halted),
+            extra={
+                "secure-aggregation": secure_aggregation_manifest(
+                    strategy.run_config, halted=halted
+                )
+            },
         )
         logger.info("Round %d: checkpoint written to %s", server_round, round_dir)
         self.result.history.append(record)

@@ -265,10 +265,19 @@ class FedTwinStrategy(Strategy):
             self.run_config, spec_sha256=self.spec_sha256, run_name=self.run_name
         )
 
-    def _round_record(self, server_round: int) -> RoundRecord:
+    def round_record(self, server_round: int) -> RoundRecord:
+        """Return the record of round `server_round`, starting a new one for a new round.
+
+        The train and evaluate steps of a round fill in the same record, which the
+        round's checkpoint then writes. Only the current round's record is kept: asking for
+        another round starts an empty record and drops the previous one.
+        """
         if self._record is None or self._record.server_round != server_round:
             self._record = RoundRecord(server_round=server_round)
         return self._record
+
+    # Former private name, still used by tests/test_server.py.
+    _round_record = round_record
 
     def _sample_nodes(self, grid: Grid, server_round: int, fraction: float) -> list[int]:
         node_ids = wait_for_nodes(grid, self.run_config.min_sites, self.node_wait_timeout)
@@ -416,7 +425,7 @@ class FedTwinStrategy(Strategy):
         if self._global is None or self._global_record is None:
             msg = "configure_train must run before aggregate_train: the global arrays are unknown."
             raise RuntimeError(msg)
-        record = self._round_record(server_round)
+        record = self.round_record(server_round)
 
         # Sort replies into errors, refusals and updates
         replies = list(replies)
@@ -573,7 +582,7 @@ class FedTwinStrategy(Strategy):
         Replies with status below-min-cohort carry no metrics and are left out, as are
         errors and replies without a positive `num-examples`.
         """
-        record = self._round_record(server_round)
+        record = self.round_record(server_round)
         replies = list(replies)
         self._log_missing_replies(record, replies, MessageType.EVALUATE)
         collected: list[tuple[Mapping[str, Any], float]] = []
@@ -715,7 +724,7 @@ class FedTwinStrategy(Strategy):
                     result.evaluate_metrics_serverapp[server_round] = server_metrics
 
             # Checkpoint
-            record = self._round_record(server_round)
+            record = self.round_record(server_round)
             round_dir = write_checkpoint(
                 self.run_dir,
                 record,
