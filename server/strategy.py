@@ -269,15 +269,12 @@ class FedTwinStrategy(Strategy):
         """Return the record of round `server_round`, starting a new one for a new round.
 
         The train and evaluate steps of a round fill in the same record, which the
-        round's checkpoint then writes. Only the current round's record is kept: asking for
-        another round starts an empty record and drops the previous one.
+        round's checkpoint then writes. Only the current round's record is kept, so a request
+        for another round starts an empty record and drops the previous one.
         """
         if self._record is None or self._record.server_round != server_round:
             self._record = RoundRecord(server_round=server_round)
         return self._record
-
-    # Former private name, still used by tests/test_server.py.
-    _round_record = round_record
 
     def _sample_nodes(self, grid: Grid, server_round: int, fraction: float) -> list[int]:
         node_ids = wait_for_nodes(grid, self.run_config.min_sites, self.node_wait_timeout)

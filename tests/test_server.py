@@ -548,7 +548,7 @@ def test_aggregate_train_mixed(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     assert metrics[Metric.NUM_EXAMPLES] == 40
     assert Metric.EPSILON_TOTAL not in metrics
 
-    record = strategy._round_record(1)
+    record = strategy.round_record(1)
     assert [s.site for s in record.sites] == ["site-a", "site-b", "site-c", "site-d", "site-e"]
     assert record.sites[2].status == Status.REFUSED_BUDGET
     assert record.sites[0].epsilon_total == pytest.approx(0.5)
@@ -576,7 +576,7 @@ def test_aggregate_train_none_valid(tmp_path: Path, caplog: pytest.LogCaptureFix
     for name, value in arrays_to_numpy(arrays).items():
         np.testing.assert_array_equal(value, global_arrays()[name])
     assert metrics is None
-    assert not strategy._round_record(1).aggregated
+    assert not strategy.round_record(1).aggregated
     assert "no valid update" in caplog.text
 
 
@@ -590,7 +590,7 @@ def test_aggregate_train_norm_outlier(tmp_path: Path) -> None:
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
-    assert [r.site for r in strategy._round_record(1).rejected] == ["site-3"]
+    assert [r.site for r in strategy.round_record(1).rejected] == ["site-3"]
     np.testing.assert_allclose(arrays_to_numpy(arrays)["layer.bias"], [0.11, 0.11], rtol=1e-5)
 
 
@@ -621,7 +621,7 @@ def test_aggregate_evaluate_withheld(tmp_path: Path) -> None:
     assert metrics["mae"] == pytest.approx(1.25)
     assert metrics[Metric.NUM_EXAMPLES] == 40
     assert metrics["num-sites"] == 2
-    statuses = [s["status"] for s in strategy._round_record(1).evaluate_sites]
+    statuses = [s["status"] for s in strategy.round_record(1).evaluate_sites]
     assert statuses == [Status.OK, Status.OK, Status.BELOW_MIN_COHORT]
 
 
@@ -689,7 +689,7 @@ def test_aggregate_train_missing_reply(tmp_path: Path, caplog: pytest.LogCapture
     with caplog.at_level(logging.WARNING, logger="server.strategy"):
         arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
-    errors = strategy._round_record(1).errors
+    errors = strategy.round_record(1).errors
     assert errors == [{"phase": "train", "node-id": 3, "code": None, "reason": "no reply"}]
     assert "node 3 sent no train reply within the round timeout of 3600 s" in caplog.text
 
