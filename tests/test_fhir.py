@@ -1,4 +1,4 @@
-"""FHIR readers: real Bulk Data folders and Bundles, and the bad-input corpus in tests/fixtures/bad."""
+"""FHIR readers: real Bulk Data folders and Bundles, and the bad-input corpus in tests/fixtures."""
 
 from __future__ import annotations
 
