@@ -581,3 +581,109 @@ def test_coordinator_killed_mid_round(deployment: Deployment) -> None:
         assert len(round_two) == 1, site
         assert entry["status"] == "ok", entry
         assert entry["ledger-entry"] == round_two[0], site
+
+
+def _signal_tree(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def _pause_tree(pid: int) -> list[int]:
+    """Stop `pid` with SIGSTOP, then every process it started, and return the stopped PIDs."""
+    os.kill(pid, signal.SIGSTOP)
+    stopped = _process_tree(pid)
+    _signal_tree(stopped, signal.SIGSTOP)
+    return stopped
+
+
+def _clientapps(pid: int) -> list[int]:
+    """Return the `flwr-clientapp` processes that `pid` started."""
+    found = []
+    for child in _process_tree(pid):
+        with contextlib.suppress(OSError):
+            if b"flwr-clientapp" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+    return found
+
+
+def _wait_for_log(
+    deployment: Deployment,
+    log_name: str,
+    text: str,
+    process: subprocess.Popen[bytes],
+    timeout: float,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in deployment.log(log_name):
+            return
+        assert process.poll() is None, f"flwr run exited before logging {text!r}"
+        time.sleep(0.5)
+    raise AssertionError(f"{log_name} did not contain {text!r} within {timeout} s")
+
+
+def test_slow_site_dropped(deployment: Deployment) -> None:
+    from client.resend import ReleaseStore
+    from privacy.accountant import AccountantStore
+    from privacy.keys import load_public_key
+    from privacy.ledger import verify_ledger
+
+    runs = deployment.root / "runs"
+    run_name = "slow-site"
+    slow = "site-2"
+    round_timeout = 40
+    log_name = "flwr-run-slow-site.log"
+    _wait_online(deployment, len(SITES))
+    run_config = (
+        f"task='lab-forecast' num-server-rounds=2 runs-dir='{runs}' run-name='{run_name}' "
+        f"min-sites=2 consortium='' round-timeout={round_timeout}"
+    )
+    command = [str(BIN / "flwr"), "run", ".", CONNECTION, "--run-config", run_config, "--stream"]
+    run = deployment.start(command, log_name)
+    _wait_for_file(runs / run_name / "round-1" / "manifest.json", run, timeout=300)
+
+    # Round 2's train messages go out once round 1 is checkpointed: pause the slow site now,
+    # and let it go on once the coordinator has given up waiting for its train reply
+    stopped = _pause_tree(deployment.supernodes[slow].pid)
+    try:
+        _wait_for_log(deployment, log_name, "sent no train reply", run, timeout=4 * round_timeout)
+    finally:
+        _signal_tree(stopped, signal.SIGCONT)
+    code = run.wait(timeout=300)
+
+    output = deployment.log(log_name)
+    assert code == 0, output[-3000:]
+    dropped = [line for line in output.splitlines() if "sent no train reply" in line]
+    assert len(dropped) == 1, dropped
+    assert f"Round 2: site {slow} (node " in dropped[0]
+    assert f"round timeout of {round_timeout} s" in dropped[0]
+
+    manifest = json.loads((runs / run_name / "round-2" / "manifest.json").read_text())
+    assert manifest["aggregated"] is True
+    ok_sites = {entry["site"] for entry in manifest["sites"] if entry["status"] == "ok"}
+    assert ok_sites == set(SITES) - {slow}
+    no_reply = [error for error in manifest["errors"] if error["phase"] == "train"]
+    assert len(no_reply) == 1, manifest["errors"]
+    assert no_reply[0]["site"] == slow
+    assert no_reply[0]["reason"] == "no reply"
+    assert no_reply[0]["code"] is None
+
+    # The slow site may still train round 2 after it is resumed: wait until it is idle
+    supernode = deployment.supernodes[slow]
+    deadline = time.monotonic() + 120
+    while _clientapps(supernode.pid):
+        assert time.monotonic() < deadline, "the slow site's ClientApp did not finish"
+        time.sleep(1.0)
+
+    # Its ledger verifies and contains one entry per round its accountant recorded
+    state = deployment.root / "sites" / slow / "state"
+    verification = verify_ledger(state / "ledger.jsonl", load_public_key(state / "site-key.pub"))
+    assert verification.intact, verification.problem
+    rounds = AccountantStore(state, "lab-forecast").rounds()
+    spent = [r.server_round for r in rounds if r.run_name == run_name]
+    ledger = [e["round"] for e in verification.entries if e["run_id"] == run_name]
+    assert sorted(ledger) == sorted(spent)
+    json_path, _ = ReleaseStore(state, "lab-forecast").paths(run_name, 2)
+    assert sorted(spent) == ([1, 2] if json_path.is_file() else [1])
+    _wait_online(deployment, len(SITES))
