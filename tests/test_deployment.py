@@ -210,6 +210,10 @@ def deployment(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             "0",
             "--out",
             str(root / "sites"),
+            # This module runs six federations against the same sites and task, so each
+            # site's cap is set above what they spend together (about 5 epsilon per run).
+            "--epsilon-cap",
+            "60",
         ]
     )
     assert code == 0
