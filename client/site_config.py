@@ -1,4 +1,4 @@
-"""Site configuration: the `site.toml` file that tells a site where its data and state live."""
+"""Site configuration: the `site.toml` file that names a site's data, state folder and policy."""
 
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ class CellsConfig:
     labels: Path | None = None
     labels_cell_column: str = "CellID"
     labels_label_column: str = "CellType1"
-    patient: str = ""  # one patient for every file, when neither obs nor a sample sheet says
+    patient: str = ""  # one patient for every file, when neither obs nor a sample sheet names one
 
 
-# The site's privacy policy has one parser, in privacy/policy.py, for both a policy file and the
-# inline [privacy] table; the old name stays for callers that import it from here.
+# One parser in privacy/policy.py reads both a policy file and the inline [privacy] table.
+# The old name stays for callers that import it from here.
 PrivacyConfig = SitePolicy
 
 

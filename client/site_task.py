@@ -265,9 +265,9 @@ class SiteTask:
             Metric.SAMPLE_RATE: result.sample_rate,
             Metric.STEPS: float(result.steps),
         }
-        # NOTE: the training loss is an average over this site's patients computed
-        # without noise, so it is outside the DP guarantee; it is sent only from a
-        # cohort of at least the policy's minimum size, like every other metric.
+        # NOTE: the training loss is an average over the site's patients without noise, so
+        # it is outside the DP guarantee. Like every metric, it is sent only from a cohort of
+        # at least the policy's minimum size.
         if result.num_examples >= policy.min_cohort and math.isfinite(result.loss):
             metrics[Metric.TRAIN_LOSS] = result.loss
         return SiteOutcome(

@@ -186,7 +186,7 @@ def _merge_equal_mechanisms(
     """Sum the steps of entries with the same noise_multiplier and sample_rate.
 
     RDP composes additively: T steps of one subsampled Gaussian mechanism have T times its
-    RDP at every order, so the merged history gives the same ε up to floating-point rounding,
+    RDP at every order. So the merged history gives the same ε up to floating-point rounding,
     and each evaluation costs one entry per distinct mechanism instead of one per round.
     """
     steps: dict[tuple[float, float], int] = {}

@@ -476,7 +476,7 @@ def verify_ledger(path: str | Path, public_key: Ed25519PublicKey) -> LedgerVerif
     """Check a ledger's chain, order and signatures and return the first problem.
 
     A ledger whose last entries were cut at a line boundary still verifies, because nothing in the
-    remaining entries records them; compare the last `seq` with the coordinator's copy in the
+    remaining entries records them. Compare the last `seq` with the coordinator's copy in the
     checkpoint manifests to detect that.
 
     Raises

@@ -76,7 +76,7 @@ class SitePolicy:
     min_noise_multiplier
         Lowest noise_multiplier the site trains with.
     privacy_unit
-        `patient`, or `record` when the policy says so.
+        `patient`, or `record` when the policy allows it.
     allowed_tasks
         Task names the site trains; empty means every task.
     allowed_models

@@ -258,7 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run `fedtwin-coordinator` and return its exit code."""
     args = build_parser().parse_args(argv)
 
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    level = logging.INFO
+    if args.verbose:
+        level = logging.DEBUG
+    elif args.quiet:
+        level = logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     # Flower's logger is set to DEBUG and propagates to the root handler: filter
     # at the handler so `-q` and the default level hold for its records too.

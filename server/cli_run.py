@@ -185,7 +185,7 @@ def add_consortium_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--min-cohort",
         type=int,
         default=3,
-        help="fewest patients behind any metric a site sends (default: 3)",
+        help="minimum number of patients behind any metric a site sends (default: 3)",
     )
     parser.set_defaults(handler=_run_consortium)
 
@@ -194,7 +194,7 @@ DEMO_MARKER = ".fedtwin-demo"
 
 
 def _fresh_demo_folder(out: Path) -> None:
-    """Empty a folder an earlier demo wrote (it holds the marker file); refuse any other folder."""
+    """Empty a folder that an earlier demo wrote (it contains the marker file); raise otherwise."""
     if out.exists() and any(out.iterdir()):
         if not (out / DEMO_MARKER).is_file():
             msg = (

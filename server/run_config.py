@@ -273,7 +273,8 @@ def _check_secure_aggregation(config: RunConfig) -> list[tuple[str, bool, str]]:
             )
         )
     if config.secure_aggregation:
-        # The coordinator sees only the sum, so rules and bounds that need each update are out.
+        # The coordinator receives only the sum, so rules and bounds that need each update
+        # cannot apply.
         checks.append(
             (
                 "strategy",

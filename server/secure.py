@@ -8,8 +8,8 @@ masked update, and applies the patient-weighted average update to the global mod
 evaluate step uses fedtwin's Message-API evaluation, then writes the round's checkpoint.
 
 The sites send w_site - w_global, not their weights, so the clipping range of SecAgg+ bounds
-the update. The coordinator only ever sees the sum, so none of the per-update checks of
-`server.validation` can run; each manifest records that.
+the update. The coordinator only ever receives the sum, so none of the per-update checks of
+`server.validation` can run. Each manifest records that.
 """
 
 from __future__ import annotations

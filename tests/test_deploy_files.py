@@ -30,7 +30,7 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 FLWR_VERSION = version("flwr")
 APP_VERSION = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]["version"]
 APP_IMAGE = f"fedtwin-app:{APP_VERSION}"
-# Claims that a site creates itself, because only it knows where its data lives.
+# Claims that a site creates itself, because only the site has the path to its data.
 SITE_PROVIDED_CLAIMS = {"fedtwin-site-data"}
 
 _ARGS = {"type": "array", "items": {"type": "string"}, "minItems": 1}

@@ -7,13 +7,13 @@ tests below it read what that run wrote.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+from federation_helpers import demo_run_config, read_manifest
 from safetensors.numpy import load_file
 
 from privacy.accountant import AccountantStore
@@ -25,23 +25,12 @@ from server.strategy import FedTwinResult
 pytestmark = pytest.mark.simulation
 
 
-def _manifest(round_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(round_dir) / "manifest.json").read_text())
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The synthetic 3-site cohort and one 2-round crs-risk federation over it."""
     out = tmp_path_factory.mktemp("demo")
     cohort = generate_demo_cohort(out, num_sites=3, patients_per_site=16, seed=0)
-    run_config = {
-        "consortium": str(cohort.consortium),
-        "task": "crs-risk",
-        "num-server-rounds": 2,
-        "spec": str(cohort.spec),
-        "runs-dir": str(out / "runs"),
-        "run-name": "demo-crs",
-    }
+    run_config = demo_run_config(cohort, out / "runs", "demo-crs")
     result = simulate(run_config)
     return {"out": out, "cohort": cohort, "run_config": run_config, "result": result}
 
@@ -50,7 +39,7 @@ def test_demo_checkpoint_per_round(demo: dict[str, Any]) -> None:
     run_dir = demo["out"] / "runs" / "demo-crs"
     assert sorted(p.name for p in run_dir.iterdir()) == ["round-1", "round-2"]
     for round_dir in run_dir.iterdir():
-        manifest = _manifest(round_dir)
+        manifest = read_manifest(round_dir)
         weights = round_dir / "weights.safetensors"
         assert manifest["weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
         assert manifest["task"] == "crs-risk"
@@ -66,7 +55,7 @@ def test_demo_weights_finite(demo: dict[str, Any]) -> None:
 
 
 def test_demo_manifest_states_privacy(demo: dict[str, Any]) -> None:
-    manifest = _manifest(demo["result"].last_checkpoint)
+    manifest = read_manifest(demo["result"].last_checkpoint)
     assert {entry["site"] for entry in manifest["sites"]} == {"site-1", "site-2", "site-3"}
     for entry in manifest["sites"]:
         assert entry["status"] == "ok"
@@ -78,7 +67,7 @@ def test_demo_manifest_states_privacy(demo: dict[str, Any]) -> None:
 
 
 def test_demo_epsilon_cumulative_on_disk(demo: dict[str, Any]) -> None:
-    manifest = _manifest(demo["result"].last_checkpoint)
+    manifest = read_manifest(demo["result"].last_checkpoint)
     for entry in manifest["sites"]:
         state_dir = Path(demo["cohort"].consortium) / entry["site"] / "state"
         store = AccountantStore(state_dir, "crs-risk")
@@ -101,7 +90,7 @@ def test_demo_resume_runs_remaining_rounds(demo: dict[str, Any]) -> None:
     run_config = {**demo["run_config"], "num-server-rounds": 3}
     result = simulate(run_config)
     assert [record.server_round for record in result.history] == [3]
-    manifest = _manifest(demo["out"] / "runs" / "demo-crs" / "round-3")
+    manifest = read_manifest(demo["out"] / "runs" / "demo-crs" / "round-3")
     for entry in manifest["sites"]:
         store = AccountantStore(
             Path(demo["cohort"].consortium) / entry["site"] / "state", "crs-risk"
@@ -150,7 +139,7 @@ def bad_sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "run-name": "bad-sites",
     }
     result = simulate(run_config)
-    return {"out": out, "result": result, "manifest": _manifest(result.last_checkpoint)}
+    return {"out": out, "result": result, "manifest": read_manifest(result.last_checkpoint)}
 
 
 def test_bad_sites_run_goes_on(bad_sites: dict[str, Any]) -> None:
@@ -193,7 +182,7 @@ def test_zero_examples_keeps_model(no_usable_site: FedTwinResult) -> None:
     record = no_usable_site.history[0]
     assert record.aggregated is False
     assert record.num_updates == 0
-    manifest = _manifest(no_usable_site.last_checkpoint)
+    manifest = read_manifest(no_usable_site.last_checkpoint)
     arrays = load_file(str(Path(no_usable_site.last_checkpoint) / "weights.safetensors"))
     for name, array in arrays.items():
         assert math.isfinite(float(abs(array).sum())), name

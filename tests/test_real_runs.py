@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
+from federation_helpers import read_manifest
 
 from server.cli import main as coordinator_main
 from server.cli_run import simulate
@@ -26,10 +26,6 @@ def _run(consortium: Path, task: str, runs: Path) -> FedTwinResult:
             "run-name": task,
         }
     )
-
-
-def _last_manifest(result: FedTwinResult) -> dict[str, Any]:
-    return json.loads((Path(result.last_checkpoint) / "manifest.json").read_text())
 
 
 def _check_sites(manifest: dict[str, Any], expected: set[str]) -> None:
@@ -58,7 +54,7 @@ def test_lab_forecast_mimic_three_sites(shared_data: Path, tmp_path: Path) -> No
     )
     assert code == 0
     result = _run(tmp_path / "sites", "lab-forecast", tmp_path / "runs")
-    manifest = _last_manifest(result)
+    manifest = read_manifest(result.last_checkpoint)
     _check_sites(manifest, {"site-1", "site-2", "site-3"})
     assert sum(entry["patients"] for entry in manifest["sites"]) <= 80
     metrics = manifest["evaluate-metrics"]
@@ -81,7 +77,7 @@ def test_crs_risk_car22_bcma(shared_data: Path, tmp_path: Path) -> None:
     )
     assert code == 0
     result = _run(tmp_path / "sites", "crs-risk", tmp_path / "runs")
-    manifest = _last_manifest(result)
+    manifest = read_manifest(result.last_checkpoint)
     _check_sites(manifest, {"car22", "bcma"})
     patients = {entry["site"]: entry["patients"] for entry in manifest["sites"]}
     assert patients["car22"] <= 48
@@ -111,7 +107,7 @@ def test_cell_state_carpall_three_sites(shared_data: Path, tmp_path: Path) -> No
     )
     assert code == 0
     result = _run(tmp_path / "sites", "cell-state", tmp_path / "runs")
-    manifest = _last_manifest(result)
+    manifest = read_manifest(result.last_checkpoint)
     _check_sites(manifest, {"site-1", "site-2", "site-3"})
     # 9 patients over 3 sites: each site holds out fewer patients than the minimum
     # cohort of 3, so its evaluation metrics are withheld, as the policy says.

@@ -8,12 +8,12 @@ coordinator built from the masked sum.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from federation_helpers import demo_run_config, read_manifest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import Metadata
 from safetensors.numpy import load_file
@@ -31,22 +31,13 @@ from server.run_config import RunConfigError, parse_run_config
 RUN_NAME = "secure-crs"
 
 
-def _manifest(round_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(round_dir) / "manifest.json").read_text())
-
-
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The synthetic 3-site cohort and one 2-round SecAgg+ crs-risk federation over it."""
     out = tmp_path_factory.mktemp("secure")
     cohort = generate_demo_cohort(out, num_sites=3, patients_per_site=16, seed=0)
     run_config = {
-        "consortium": str(cohort.consortium),
-        "task": "crs-risk",
-        "num-server-rounds": 2,
-        "spec": str(cohort.spec),
-        "runs-dir": str(out / "runs"),
-        "run-name": RUN_NAME,
+        **demo_run_config(cohort, out / "runs", RUN_NAME),
         "secure-aggregation": True,
     }
     result = simulate(run_config)
@@ -62,7 +53,7 @@ def test_secure_checkpoint_per_round(secure: dict[str, Any]) -> None:
     run_dir = Path(secure["out"]) / "runs" / RUN_NAME
     assert sorted(p.name for p in run_dir.iterdir()) == ["round-1", "round-2"]
     for server_round in (1, 2):
-        manifest = _manifest(_round_dir(secure, server_round))
+        manifest = read_manifest(_round_dir(secure, server_round))
         assert manifest["round"] == server_round
         assert manifest["aggregated"] is True
         assert manifest["num-updates"] == 3
@@ -72,7 +63,7 @@ def test_secure_checkpoint_per_round(secure: dict[str, Any]) -> None:
 @pytest.mark.simulation
 def test_secure_manifest_states_mode(secure: dict[str, Any]) -> None:
     for server_round in (1, 2):
-        facts = _manifest(_round_dir(secure, server_round))["secure-aggregation"]
+        facts = read_manifest(_round_dir(secure, server_round))["secure-aggregation"]
         assert facts["enabled"] is True
         assert facts["halted"] is False
         assert facts["per-update-validation"] is False
@@ -91,7 +82,7 @@ def test_secure_weights_finite(secure: dict[str, Any]) -> None:
 def test_secure_epsilon_per_site(secure: dict[str, Any]) -> None:
     previous: dict[str, float] = {}
     for server_round in (1, 2):
-        manifest = _manifest(_round_dir(secure, server_round))
+        manifest = read_manifest(_round_dir(secure, server_round))
         assert {entry["site"] for entry in manifest["sites"]} == {"site-1", "site-2", "site-3"}
         for entry in manifest["sites"]:
             assert entry["status"] == "ok"
@@ -122,7 +113,7 @@ def test_secure_aggregate_matches_fedavg(secure: dict[str, Any]) -> None:
     run_config = parse_run_config(secure["run_config"])
     global_arrays = build_initial_arrays(run_config, load_spec(run_config.spec))
     for server_round in (1, 2):
-        manifest = _manifest(_round_dir(secure, server_round))
+        manifest = read_manifest(_round_dir(secure, server_round))
         checkpoint = load_file(str(_round_dir(secure, server_round) / "weights.safetensors"))
 
         # Plain FedAvg of the weights each site stored for this round, weighted by patients

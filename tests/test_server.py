@@ -384,7 +384,7 @@ def task_identity() -> Iterator[None]:
 
 
 class LoopbackGrid(Grid):
-    """In-process grid: each node id maps to a function that answers a message."""
+    """In-process grid: each node id maps to a function that replies to a message."""
 
     def __init__(self, sites: dict[int, SiteFn]) -> None:
         self.sites = sites

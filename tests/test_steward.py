@@ -281,7 +281,7 @@ def test_report_renders_in_chromium(site: dict[str, Any], tmp_path: Path) -> Non
     page = (tmp_path / "index.html").as_uri()
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"]
 
-    # The DOM after load holds the page's heading and its plot.
+    # The DOM after load contains the page's heading and its plot.
     dom = subprocess.run(
         [browser, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120
     )

@@ -69,7 +69,7 @@ class BacktestRecords:
 
 
 def _cuts(row: Row, count: int) -> list[int]:
-    # Positions c such that bin c + 1 holds a value of a code seen up to c: the latest `count`.
+    # Positions c where bin c + 1 contains a value of a code seen up to c: the latest `count`.
     _values, mask, _, seen, _, _ = row
     has_next = (mask[0, 1:] * seen[0, :-1]).sum(dim=-1) > 0
     positions = torch.nonzero(has_next).flatten().tolist()

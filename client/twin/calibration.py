@@ -142,7 +142,7 @@ def calibrate_intervals(
 
     A horizon day with fewer than `MIN_SCORES_PER_HORIZON` scores uses the quantile of the
     scores of all days. Without any record, the Gaussian z of each level is used and the
-    method says ``"gaussian"``.
+    method is ``"gaussian"``.
     """
     if len(records) == 0:
         return IntervalCalibration(

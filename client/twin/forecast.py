@@ -234,7 +234,7 @@ def fine_tune(
     with the global model. It is then
     refitted on all targets with the same number of steps. `start` is an earlier offset to
     continue from (an incremental update). Otherwise the global model is used and the reason
-    says why.
+    gives the cause.
     """
     n_codes = row[0].shape[-1]
     zero = np.zeros(2 * n_codes, dtype=np.float32)
